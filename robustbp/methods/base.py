@@ -1,0 +1,160 @@
+"""The method protocol: `stats = method.backward(model, x, y)` fills `.grad` like `loss.backward()`.
+
+Conventions shared by every method (see each method's docstring for its formula):
+  ℓ_i = loss_fn(z_i, y_i) is the per-sample loss on the logits z_i = f(x_i);
+  L = (1/B) Σ_i ℓ_i is the main loss; a per-sample penalty R_i enters as β·(1/B) Σ_i R_i;
+  g_i = ∇_{x_i} ℓ_i is the per-sample input gradient.
+The gradient of the whole objective is *added* to each trainable parameter's `.grad`.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """ℓ_i = −log softmax(z_i)[y_i], one value per sample."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """loss = main_loss + reg_loss, as floats, for one batch."""
+
+    loss: float
+    main_loss: float
+    reg_loss: float
+
+
+class Method:
+    """Base class: checks the batch, then calls `_backward`, which subclasses implement.
+
+    `loss_fn(logits, labels)` must return one loss per sample, shape (B,);
+    the default is cross-entropy.
+    """
+
+    name: str = ""
+
+    def __init__(self, loss_fn: LossFn | None = None):
+        self.loss_fn = loss_fn or cross_entropy_per_sample
+
+    def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        params = trainable_parameters(model)
+        check_batch(x, y)
+        main, reg = self._backward(model, x, y, params)
+        return StepStats(loss=main + reg, main_loss=main, reg_loss=reg)
+
+    def _backward(self, model, x, y, params) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def per_sample_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if logits.dim() != 2:
+            raise ValueError(f"{self.name}: the model must return logits of shape (B, C), got {tuple(logits.shape)}")
+        num_classes = logits.shape[1]
+        if int(y.min()) < 0 or int(y.max()) >= num_classes:
+            raise ValueError(
+                f"{self.name}: labels must lie in [0, {num_classes}) for a model with {num_classes} outputs, "
+                f"got values in [{int(y.min())}, {int(y.max())}]"
+            )
+        losses = self.loss_fn(logits, y)
+        if losses.shape != (logits.shape[0],):
+            raise ValueError(
+                f"{self.name}: loss_fn must return one loss per sample, shape ({logits.shape[0]},), "
+                f"got {tuple(losses.shape)} (use reduction='none')"
+            )
+        return losses
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "loss_fn" and not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True)")
+    return params
+
+
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
+    """One clear error for the ways a batch can be wrong."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"inputs x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"labels y must be an integer tensor, got {getattr(y, 'dtype', type(y).__name__)}")
+    if y.dim() != 1 or x.dim() < 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must hold the same number of samples: x has shape {tuple(x.shape)}, y has shape {tuple(y.shape)}"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("inputs x contain NaN or Inf")
+
+
+def check_nonnegative(name: str, **values: float) -> None:
+    for key, value in values.items():
+        if value is None:
+            continue
+        if not (float(value) >= 0.0) or value != value:
+            raise ValueError(f"{name}: {key} must be a non-negative number, got {value}")
+
+
+def accumulate_grad(param: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """param.grad += grad, as autograd's AccumulateGrad does."""
+    if grad is None:
+        return
+    if param.grad is None:
+        param.grad = grad.detach().clone()
+    else:
+        param.grad.add_(grad.detach())
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a Method available as `robustbp.methods.get(name, ...)`."""
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def parameters_of(name: str) -> dict[str, object]:
+    """The keyword parameters a method takes and their defaults."""
+    signature = inspect.signature(method_class(name).__init__)
+    return {
+        key: p.default for key, p in signature.parameters.items() if key not in ("self", "loss_fn")
+    }
+
+
+def get(name: str, **kwargs) -> Method:
+    """Build a method by name: `get("loss-ibp", beta=0.01, p=1)`."""
+    cls = method_class(name)
+    accepted = parameters_of(name)
+    unknown = sorted(set(kwargs) - set(accepted) - {"loss_fn"})
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+            f"it takes: {', '.join(accepted) or 'no parameters'}"
+        )
+    return cls(**kwargs)

@@ -1,0 +1,83 @@
+"""Jacobian penalties: the Frobenius norm by random projections (Hoffman et al. 2019) and the
+exact spectral norm by power iteration (papers/exact-spectral-norm.txt, Alg. 1)."""
+from __future__ import annotations
+
+import torch
+
+from ..passes import Linearization, per_sample_norm
+from .base import Method, check_nonnegative, register
+
+
+def _penalty_graph(method, model, x, y):
+    """(x requiring grad, the recording, L, logits of the penalty's network)."""
+    x = x.detach().requires_grad_(True)
+    lin = Linearization.record(model, x)
+    main_loss = method.per_sample_loss(lin.logits, y).mean()
+    return x, lin, main_loss, lin.frozen_logits(x)
+
+
+@register("jacobian-frobenius")
+class JacobianFrobenius(Method):
+    """L + β·(1/B) Σ_i (C/n_proj) Σ_j ‖∇_x(v_j·z_i)‖² (Hoffman et al. 2019, Alg. 1).
+
+    v_j is drawn uniformly on the unit sphere of R^C, independently per sample and projection;
+    `n_proj=-1` uses the C basis vectors instead, giving the exact ‖J_z(x_i)‖_F². Exact gradient
+    by double backpropagation. Draws from torch's global generator.
+    """
+
+    def __init__(self, beta: float = 0.01, n_proj: int = 1, loss_fn=None):
+        super().__init__(loss_fn)
+        check_nonnegative(self.name, beta=beta)
+        if int(n_proj) != n_proj or not (n_proj >= 1 or n_proj == -1):
+            raise ValueError(f"jacobian-frobenius: n_proj must be an integer ≥ 1, or -1 for exact, got {n_proj}")
+        self.beta, self.n_proj = float(beta), int(n_proj)
+
+    def projections(self, logits: torch.Tensor) -> torch.Tensor:
+        """(n, B, C) projection vectors and their count n."""
+        batch, classes = logits.shape
+        if self.n_proj == -1:
+            return torch.eye(classes, dtype=logits.dtype, device=logits.device).unsqueeze(1).expand(classes, batch, classes)
+        v = torch.randn(self.n_proj, batch, classes, dtype=logits.dtype, device=logits.device)
+        return v / v.norm(dim=2, keepdim=True)
+
+    def _backward(self, model, x, y, params):
+        x, lin, main_loss, logits = _penalty_graph(self, model, x, y)
+        directions = self.projections(logits.detach())
+        classes = logits.shape[1]
+        squared = sum(
+            torch.autograd.grad(logits, x, v, create_graph=True)[0].pow(2).sum() for v in directions
+        )
+        reg_loss = self.beta * (classes / len(directions)) * squared / x.shape[0]
+        torch.autograd.backward(main_loss + reg_loss, inputs=params)
+        return main_loss.item(), reg_loss.item()
+
+
+@register("jacobian-spectral")
+class JacobianSpectral(Method):
+    """L + β·(1/B) Σ_i σ̂_i, σ̂_i the power-iteration estimate of σ_max(J_z(x_i)) (spectral paper,
+    Alg. 1): v ~ N(0, I), normalized per sample; repeat n_iter times: u = J·v (linearized forward:
+    no biases, the recorded activation pattern), u ← u/‖u‖, v = Jᵀ·u (backward); σ̂ = ‖Jᵀu‖.
+    The gradient is that of ‖Jᵀu‖ with u held constant (double backpropagation through the last
+    Jᵀu). Draws from torch's global generator.
+    """
+
+    def __init__(self, beta: float = 0.01, n_iter: int = 1, loss_fn=None):
+        super().__init__(loss_fn)
+        check_nonnegative(self.name, beta=beta)
+        if int(n_iter) != n_iter or n_iter < 1:
+            raise ValueError(f"jacobian-spectral: n_iter must be an integer ≥ 1, got {n_iter}")
+        self.beta, self.n_iter = float(beta), int(n_iter)
+
+    def _backward(self, model, x, y, params):
+        x, lin, main_loss, logits = _penalty_graph(self, model, x, y)
+        v = torch.randn_like(x)
+        v = v / per_sample_norm(v, keepdim=True)
+        for step in range(self.n_iter):
+            with torch.no_grad():
+                u = lin.jvp(v)
+                u = u / per_sample_norm(u, keepdim=True).clamp_min(1e-30)
+            last = step == self.n_iter - 1
+            (v,) = torch.autograd.grad(logits, x, u, retain_graph=True, create_graph=last)
+        reg_loss = self.beta * per_sample_norm(v).mean()
+        torch.autograd.backward(main_loss + reg_loss, inputs=params)
+        return main_loss.item(), reg_loss.item()
