@@ -1,0 +1,428 @@
+"""The `robustbp` command: parse, call the library, print. One subcommand per entry in COMMANDS.
+
+    robustbp train --dataset fashion-mnist --model lenet --method jacobian-spectral --beta 0.01 --epochs 10 --out runs/spec
+    robustbp train --resume --out runs/spec               # continue an interrupted run
+    robustbp evaluate --checkpoint runs/spec --compare runs/std --suite noise,fgsm,pgd --out runs/eval
+    robustbp methods | datasets | models                  # what the registries hold
+    robustbp demo --out runs/demo                         # the three-method demo (about 2 minutes)
+
+Errors (unknown names, missing data, invalid numbers) print one line, `robustbp: error: ...`,
+and exit with status 1 (2 for a malformed command line); Ctrl-C exits with 130.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PROG = "robustbp"
+
+
+class UsageError(ValueError):
+    """A command-line mistake found after parsing (exit status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake prints one line (no usage block) and exits with status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+# --------------------------------------------------------------------------------- train
+TRAIN_HELP = {
+    "dataset": "dataset name (see `robustbp datasets`); default %s",
+    "data_dir": "folder holding the dataset's files (default: $ROBUSTBP_DATA, then /usr/share/datasets)",
+    "model": "model name (see `robustbp models`); default %s",
+    "dropout": "dropout probability on the last internal fully connected layer; default %s",
+    "activation": "hidden nonlinearity: relu, tanh or logistic; default %s",
+    "method": "training method (see `robustbp methods`); default %s",
+    "epochs": "number of epochs; default %s",
+    "batch_size": "images per step; default %s",
+    "lr": "initial learning rate of SGD; default %s",
+    "momentum": "SGD momentum in [0, 1); default %s",
+    "weight_decay": "L2 weight decay coefficient of SGD; default %s",
+    "schedule": "learning-rate schedule, stepped every epoch: constant, exp:GAMMA, step:N[:GAMMA] (halving by default), cosine; default %s",
+    "augment": "random shifts and scalings of the training images as in the IBP paper (flips for CIFAR); default %s",
+    "train_size": "train on a stratified subset of this many training images; default: all",
+    "val_size": "hold out this many training images (or this fraction, < 1) for validation; default %s (none)",
+    "seed": "seed of the initialization, shuffling, augmentation and the method's randomness; default %s",
+    "device": "torch device, e.g. cpu or cuda; default %s",
+    "log_every": "refresh the progress bar every this many steps; default %s",
+}
+NUMBER_TYPES = {"epochs": int, "batch_size": int, "train_size": int, "seed": int, "log_every": int}
+
+# Method parameters as command-line options: name -> (parser, help). None: not settable here.
+METHOD_OPTIONS: dict[str, tuple[Callable[[str], Any], str] | None] = {
+    "beta": (float, "penalty weight β"),
+    "p": (int, "norm of the input-gradient penalty: 1 (sign of the gradient) or 2"),
+    "eps": (float, "perturbation size ε of adversarial examples, in pixel units ([0, 1] images)"),
+    "alpha": (float, "weight of the clean loss in adversarial training, in [0, 1]"),
+    "norm": (str, "adversarial direction: sign (L∞, FGSM) or grad (the gradient itself)"),
+    "variant": (str, "original, or fast (the IBP paper's faster variant)"),
+    "direction": (str, "direction v of the Jacobian penalty: sign or grad"),
+    "n_proj": (int, "number of random projections estimating the Frobenius norm"),
+    "n_iter": (int, "power iterations per step"),
+    "first": (int, "replace the derivative of every ReLU from this one on (1-based) by the identity"),
+    "sigma": (float, "scale of the image tangents (pixels of shift, radians of rotation ...)"),
+    "clip": (lambda text: _pair(text), "clip adversarial images to LOW,HIGH, e.g. 0,1"),
+    "tangents": None,  # a function: set it from Python
+}
+
+
+def _pair(text: str) -> list[float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(f"expected LOW,HIGH, got {text!r}")
+    return [float(parts[0]), float(parts[1])]
+
+
+def _auto(text: str) -> Any:
+    """A --param value: true/false, an int, a float, else the string itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def method_parameters() -> dict[str, list[tuple[str, Any]]]:
+    """Every method parameter name -> [(method, default), ...] across the registry."""
+    from robustbp import methods
+
+    taken: dict[str, list[tuple[str, Any]]] = {}
+    for name in methods.available():
+        for param, default in methods.parameters_of(name).items():
+            taken.setdefault(param, []).append((name, default))
+    return taken
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    from robustbp.train import TrainConfig
+
+    defaults = TrainConfig()
+    parser.add_argument("--config", metavar="FILE",
+                        help="a JSON or TOML file of settings that differ from the defaults (options below override it)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="run folder for config.json, history.json, checkpoint.pt and model.pt; "
+                             "default runs/DATASET-MODEL-METHOD")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --out from its checkpoint (settings are read from it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    group = parser.add_argument_group("training settings (defaults: the IBP paper's MNIST setup)")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "method_params":
+            continue
+        option = "--" + field.name.replace("_", "-")
+        text = TRAIN_HELP[field.name]
+        text = text % (getattr(defaults, field.name),) if "%s" in text else text
+        if field.type in (bool, "bool"):
+            group.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif field.name == "val_size":
+            group.add_argument(option, type=_count_or_fraction, default=None, metavar="N", help=text)
+        else:
+            kind = NUMBER_TYPES.get(field.name) or (float if isinstance(field.default, float) else str)
+            group.add_argument(option, type=kind, default=None, metavar=field.name.upper(), help=text)
+    methods_group = parser.add_argument_group("method parameters (only those the chosen method takes)")
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for param, takers in sorted(method_parameters().items()):
+        if param in train_names or METHOD_OPTIONS.get(param, ()) is None:
+            continue
+        convert, text = METHOD_OPTIONS.get(param) or (_type_of(takers[0][1]), "method parameter")
+        used_by = ", ".join(f"{m} (default {d})" for m, d in takers)
+        methods_group.add_argument("--" + param.replace("_", "-"), dest=f"param_{param}", type=convert,
+                                   default=None, metavar=param.upper(), help=f"{text}; taken by {used_by}")
+    methods_group.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                               help="any method parameter by name (repeatable), e.g. --param beta=0.01")
+
+
+def _type_of(default: Any) -> Callable[[str], Any]:
+    if isinstance(default, bool):
+        return lambda text: {"true": True, "false": False}[text.lower()]
+    if isinstance(default, (int, float, str)):
+        return type(default)
+    return _auto
+
+
+def _count_or_fraction(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The TrainConfig: defaults, then --config FILE, then the options given on the command line."""
+    from robustbp.train import TrainConfig, read_config
+    from robustbp.training.config import read_config_file
+
+    values: dict[str, Any] = {}
+    if args.resume:
+        if not args.out:
+            raise UsageError("--resume needs --out, the run folder to continue")
+        values = read_config(args.out).to_dict()
+    if args.config:
+        values.update(read_config_file(args.config))
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name != "method_params" and getattr(args, f.name, None) is not None}
+    values.update(given)
+    params = dict(values.get("method_params") or {})
+    explicit = {key[len("param_"):]: value for key, value in vars(args).items()
+                if key.startswith("param_") and value is not None}
+    for item in args.param:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--param expects NAME=VALUE, got {item!r}")
+        explicit[name.strip().replace("-", "_")] = _auto(text.strip())
+    params.update(explicit)
+    values["method_params"] = params
+    config = TrainConfig.from_dict(values)
+    check_names(config, explicit)
+    return config
+
+
+def check_names(config, explicit: dict[str, Any]) -> None:
+    """Unknown dataset, model or method, or a parameter the method does not take: one clear error."""
+    from robustbp import data, methods, models
+
+    data.info(config.dataset)
+    models.info(config.model)
+    accepted = methods.parameters_of(config.method)
+    for name in config.method_params:
+        if name not in accepted:
+            option = f"--{name.replace('_', '-')}" if name in explicit else f"parameter {name!r}"
+            takes = ", ".join(f"--{a.replace('_', '-')}" for a in accepted) or "no parameters"
+            raise UsageError(f"method {config.method!r} does not take {option}; it takes {takes}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from robustbp.train import train
+
+    config = train_config_from_args(args)
+    out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.method}")
+    if not args.quiet:
+        params = ", ".join(f"{k}={v}" for k, v in config.method_params.items())
+        print(f"training {config.model} on {config.dataset} with {config.method}"
+              f"{f' ({params})' if params else ''} for {config.epochs} epochs -> {out}", file=sys.stderr)
+    result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    if result.status != "complete":
+        return 130
+    final = result.final
+    if final:
+        val = f", validation error {final['val_error']:.2f}%" if final.get("val_error") is not None else ""
+        print(f"{out}: test error {final['test_error']:.2f}%{val} after {final['epoch']} epochs")
+    else:
+        print(f"{out}: already complete")
+    return 0
+
+
+# ------------------------------------------------------------------------------ evaluate
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="RUN",
+                        help="a run folder (or its model.pt / checkpoint.pt) to evaluate")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="RUN",
+                        help="more run folders, evaluated on the same images beside the first")
+    parser.add_argument("--suite", default="accuracy", metavar="S1,S2",
+                        help="comma-separated evaluation suites (accuracy always works; others from "
+                             "robustbp.evaluate.SUITES, e.g. noise,fgsm,pgd); default accuracy")
+    parser.add_argument("--out", metavar="DIR", help="folder for the tables (JSON) and plots (PNG); default RUN/evaluation")
+    parser.add_argument("--data-dir", metavar="DIR", help="folder holding the dataset (default: the one the run was trained with)")
+    parser.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N test images only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of noise and random starts; default 0")
+    parser.add_argument("--quick", action="store_true", help="fewer points and iterations (a smoke test)")
+    parser.add_argument("--device", default="cpu", help="torch device; default cpu")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from robustbp import data
+    from robustbp.train import error_rate, load_run
+
+    paths = [args.checkpoint, *args.compare]
+    loaded = [(Path(p), *load_run(p, device=args.device)) for p in paths]
+    datasets = {config.dataset for _, _, config in loaded}
+    if len(datasets) > 1:
+        raise UsageError(f"the runs were trained on different datasets ({', '.join(sorted(datasets))}); compare runs of one dataset")
+    config = loaded[0][2]
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a whole number >= 1, got {args.limit}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    _, test = data.load(config.dataset, args.data_dir or config.data_dir)
+    images, labels = test.images[: args.limit], test.labels[: args.limit]
+    images, labels = images.to(args.device), labels.to(args.device)
+    models = {}
+    for path, model, _ in loaded:
+        name = path.name if path.is_dir() else path.parent.name
+        models[name if name not in models else str(path)] = model
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    if not suites:
+        raise UsageError("--suite names no suite")
+    first = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    setup = {"runs": {name: str(p) for name, p in zip(models, paths)}, "dataset": config.dataset,
+             "images": len(labels), "suites": suites, "seed": args.seed, "quick": args.quick,
+             "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv else PROG}
+    (out / "evaluate-config.json").write_text(json.dumps(setup, indent=2) + "\n")
+
+    others = [s for s in suites if s != "accuracy"]
+    if "accuracy" in suites:
+        errors = {name: error_rate(model, images, labels) for name, model in models.items()}
+        width = max(len(n) for n in errors)
+        print(f"{'run':<{width}}  test error (%)  on {len(labels)} {config.dataset} test images")
+        for name, value in errors.items():
+            print(f"{name:<{width}}  {value:14.2f}")
+        (out / "accuracy.json").write_text(json.dumps({"images": len(labels), "error": errors}, indent=2) + "\n")
+    if others:
+        try:
+            from robustbp import evaluate
+        except ImportError as error:
+            raise UsageError(f"suites {', '.join(others)} need robustbp.evaluate, which cannot be imported ({error})") from None
+        unknown = [s for s in others if s not in evaluate.SUITES]
+        if unknown:
+            raise UsageError(f"unknown suite {', '.join(unknown)}; available: accuracy, {', '.join(s for s in evaluate.SUITES if s != 'accuracy')}")
+        evaluate.evaluate_runs(models, images, labels, others, out, seed=args.seed, quick=args.quick)
+    print(f"results in {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------- the registries
+def run_methods(args: argparse.Namespace) -> int:
+    from robustbp import methods
+
+    for name in methods.available():
+        cls = methods.base.method_class(name)
+        doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
+        params = ", ".join(f"{k}={v!r}" for k, v in methods.parameters_of(name).items()) or "no parameters"
+        print(f"{name:<22} {params}")
+        if doc and not args.short:
+            print(f"{'':<22} {doc}")
+    return 0
+
+
+def run_datasets(args: argparse.Namespace) -> int:
+    from robustbp import data
+
+    for name in data.available():
+        info = data.info(name)
+        where = "embedded" if info.embedded else "on disk"
+        print(f"{name:<15} {info.sizes[0]:>6}/{info.sizes[1]:<6} {'×'.join(map(str, info.shape)):<8} {where:<8} "
+              f"{'' if args.short else info.description}".rstrip())
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from robustbp import models
+
+    for name in models.available():
+        info = models.info(name)
+        print(f"{name:<18} {'' if args.short else info.description}".rstrip())
+    return 0
+
+
+def add_short(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--short", action="store_true", help="names and sizes only, no descriptions")
+
+
+# ----------------------------------------------------------------------------------- demo
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from robustbp import demo
+
+    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="folder for the runs, table and plot; default runs/demo")
+    parser.add_argument("--epochs", type=int, default=demo.EPOCHS, help=f"epochs per method; default {demo.EPOCHS}")
+    parser.add_argument("--train-size", type=int, default=None, metavar="N",
+                        help="train on N of mnist-5k's 4,000 training images; default all")
+    parser.add_argument("--test-size", type=int, default=None, metavar="N",
+                        help="evaluate on N of its 1,000 test images; default all")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run; default 0")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from robustbp import demo
+
+    started = time.perf_counter()
+    result = demo.run(args.out, epochs=args.epochs, train_size=args.train_size, test_size=args.test_size,
+                      seed=args.seed, progress=not args.quiet)
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; table {result['table_path']}, plot {result['plot_path']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------- the command
+COMMANDS: dict[str, Command] = {
+    "train": Command("train a model with one method", add_train_arguments, run_train),
+    "evaluate": Command("evaluate trained runs (accuracy, noise, attacks)", add_evaluate_arguments, run_evaluate),
+    "methods": Command("list the training methods and their parameters", add_short, run_methods),
+    "datasets": Command("list the datasets", add_short, run_datasets),
+    "models": Command("list the models", add_short, run_models),
+    "demo": Command("train three methods on mnist-5k and compare their robustness (about 2 minutes)",
+                    add_demo_arguments, run_demo),
+    # more subcommands register here: "bench": Command(help, add_arguments, run)
+}
+
+
+def build_parser() -> Parser:
+    import robustbp
+
+    parser = Parser(prog=PROG, description="Backpropagation extensions that train classifiers robust to small input changes.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {robustbp.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, command in COMMANDS.items():
+        child = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(child)
+        child.set_defaults(run=command.run)
+    return parser
+
+
+def one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if isinstance(error, KeyError):  # str(KeyError) quotes its argument
+        text = text.strip("'\"")
+    return text or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]); return the exit status."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "run", None) is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.run(args) or 0)
+    except UsageError as error:
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as error:  # includes DataError, FileNotFoundError
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        from robustbp.train import NonFiniteLoss
+
+        if not isinstance(error, NonFiniteLoss):
+            raise
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
