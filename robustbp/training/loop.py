@@ -274,8 +274,11 @@ class _Run:
         )
         self.scheduler = make_scheduler(config.schedule, self.optimizer, config.epochs)
         self.shuffle = torch.Generator().manual_seed(config.seed)
-        self.augment_rng = torch.Generator(device=device).manual_seed(config.seed + 1)
-        self.augment = datasets.Augment.paper(config.dataset) if config.augment else None
+        self.augment_rng = torch.Generator().manual_seed(config.seed + 1)
+        self.augment = None
+        if config.augment:  # the paper's setting for the dataset; MNIST's for data given directly
+            known = config.dataset in datasets.available()
+            self.augment = datasets.Augment.paper(config.dataset) if known else datasets.Augment()
         self.history: list[dict[str, Any]] = []
         self.epoch = 0           # epochs completed
         self.step = 0            # steps completed in the epoch under way
@@ -424,7 +427,7 @@ class _Run:
                 index = order[step * batch : (step + 1) * batch]
                 x, y = self.x[index], self.y[index]
                 if self.augment is not None:
-                    x = self.augment.augment(x, self.augment_rng)
+                    x = self.augment(x, self.augment_rng)
                 self.optimizer.zero_grad(set_to_none=True)
                 counter.arm(x, y)
                 stats = self.method.backward(self.model, x, y)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -97,7 +98,7 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.M
 def read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as error:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as error:
         raise ValueError(f"cannot read {path}: {error}") from None
 
 

@@ -1,0 +1,364 @@
+"""The trainer: exact resume, atomic checkpoints, the non-finite-loss stop, history, schedules, load_run.
+
+Tiny runs: scikit-learn's 8×8 digits and the 2×256 MLP, a few hundred images, a few epochs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+from robustbp import methods
+from robustbp.train import (
+    NonFiniteLoss,
+    TrainConfig,
+    load_run,
+    make_scheduler,
+    parse_schedule,
+    read_history,
+    train,
+)
+from robustbp.training import runs
+from robustbp.training.loop import CleanBatchAccuracy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Fast and deterministic on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**changes) -> TrainConfig:
+    base = dict(dataset="digits", model="mlp-2x256", epochs=3, batch_size=32, train_size=320, lr=0.05,
+                schedule="exp:0.9", seed=3)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+class CountingLoss:
+    """Cross-entropy per sample that calls `action(call)` before the n-th call (1-based)."""
+
+    def __init__(self, at: int, action):
+        self.calls, self.at, self.action = 0, at, action
+
+    def __call__(self, logits, labels):
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        if self.calls == self.at:
+            result = self.action(loss)
+            if result is not None:
+                return result
+        return loss
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def without_times(history):
+    return [{k: v for k, v in e.items() if k not in ("seconds", "eval_seconds")} for e in history]
+
+
+# ------------------------------------------------------------------------------ resume
+# dropout and augmentation make the run draw from both the torch RNG and the generators.
+RESUME_CONFIG = dict(dropout=0.2, augment=True, method="loss-ibp", method_params={"beta": 0.01, "p": 1})
+
+
+def test_resume_after_ctrl_c_mid_epoch_is_bit_identical(tmp_path):
+    config = tiny(**RESUME_CONFIG)
+    reference = train(config, tmp_path / "straight", progress=False)
+    assert reference.status == "complete"
+
+    steps_per_epoch = 10  # 320 images / batch 32
+    ctrl_c = CountingLoss(at=steps_per_epoch + 4, action=lambda loss: signal.raise_signal(signal.SIGINT))
+    interrupted = train(config, tmp_path / "run", progress=False, loss_fn=ctrl_c)
+    assert interrupted.status == "interrupted"
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert (saved["epoch"], saved["step"]) == (1, 4)  # stopped after the step under way
+    assert read_history(tmp_path / "run")["status"] == "interrupted"
+    assert not (tmp_path / "run" / "model.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+    resumed = train(config, tmp_path / "run", resume=True, progress=False)
+    assert resumed.status == "complete"
+    assert_same_weights(resumed.model, reference.model)
+    assert without_times(resumed.history) == without_times(reference.history)
+    final, _ = load_run(tmp_path / "run")
+    assert_same_weights(final, reference.model)
+
+
+def test_resume_after_hard_interrupt_keeps_last_epoch_and_is_bit_identical(tmp_path):
+    config = tiny(**RESUME_CONFIG)
+    reference = train(config, None, progress=False)
+
+    def hard_stop(loss):
+        raise KeyboardInterrupt  # a second Ctrl-C: no time to save this state
+
+    interrupted = train(config, tmp_path / "run", progress=False, loss_fn=CountingLoss(at=25, action=hard_stop))
+    assert interrupted.status == "interrupted"
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert (saved["epoch"], saved["step"]) == (2, 0)  # the end of epoch 2 is the last good state
+    resumed = train(config, tmp_path / "run", resume=True, progress=False)
+    assert_same_weights(resumed.model, reference.model)
+
+
+def test_resume_can_extend_the_epochs(tmp_path):
+    full = train(tiny(epochs=3), None, progress=False)
+    train(tiny(epochs=1), tmp_path / "run", progress=False)
+    extended = train(tiny(epochs=3), tmp_path / "run", resume=True, progress=False)
+    assert [e["epoch"] for e in extended.history] == [1, 2, 3]
+    assert_same_weights(extended.model, full.model)
+
+
+def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
+    train(tiny(epochs=1), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train(tiny(epochs=2, lr=0.5), tmp_path / "run", resume=True, progress=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(tiny(epochs=1), tmp_path / "run", progress=False)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(tiny(), tmp_path / "empty", resume=True, progress=False)
+    again = train(tiny(epochs=1), tmp_path / "run", overwrite=True, progress=False)
+    assert again.status == "complete"
+
+
+# ------------------------------------------------------------------- atomic checkpoints
+def crashing_save(obj, file, *args, **kwargs):
+    file.write(b"half a checkpoint")
+    raise OSError("disk full (simulated crash while writing)")
+
+
+def test_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny(epochs=1), run, progress=False)
+    before = torch.load(run / "checkpoint.pt", weights_only=False)
+
+    saves = {"n": 0}
+    real_save = torch.save
+
+    def save_then_crash(obj, file, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] >= 2:  # the first write succeeds, then the disk "fails"
+            return crashing_save(obj, file)
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        train(tiny(epochs=3), run, resume=True, progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+
+    after = torch.load(run / "checkpoint.pt", weights_only=False)  # still a whole file
+    assert after["epoch"] == 2  # the one good write of the resumed run
+    assert before["epoch"] == 1
+    leftovers = [p.name for p in run.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # the temporary file was removed
+    model, _ = load_run(run)  # and the run still loads
+    assert isinstance(model, torch.nn.Module)
+
+
+def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError):
+        runs.save_torch({"a": 1}, path)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    runs.save_torch({"a": torch.ones(2)}, path)
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError):
+        runs.save_torch({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+# -------------------------------------------------------------------------- non-finite
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    poison = CountingLoss(at=13, action=lambda loss: loss * float("nan"))  # epoch 2, step 3
+    with pytest.raises(NonFiniteLoss, match=r"epoch 2, step 3 of 10") as caught:
+        train(tiny(), run, progress=False, loss_fn=poison)
+    assert "checkpoint" in str(caught.value) and "epoch 1" in str(caught.value)
+    saved = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert (saved["epoch"], saved["step"]) == (1, 0)
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+    history = read_history(run)
+    assert history["status"] == "diverged" and "epoch 2, step 3" in history["message"]
+    assert len(history["epochs"]) == 1
+    assert not (run / "model.pt").exists()
+
+
+def test_huge_learning_rate_diverges_with_a_clear_error(tmp_path):
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss .* at epoch \d+, step \d+ of \d+"):
+        train(tiny(lr=1e12, momentum=0.0, schedule="constant", epochs=5), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- history
+def test_run_folder_and_history_contents(tmp_path):
+    config = tiny(val_size=100, method="loss-ibp", method_params={"beta": 0.05, "p": 2}, schedule="exp:0.5")
+    result = train(config, tmp_path / "run", progress=False)
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["checkpoint.pt", "config.json", "history.json", "model.pt"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == config.to_dict()
+    history = read_history(tmp_path / "run")
+    assert history["status"] == "complete"
+    epochs = history["epochs"]
+    assert epochs == result.history
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert [e["lr"] for e in epochs] == pytest.approx([0.05, 0.025, 0.0125])
+    for e in epochs:
+        assert set(e) == {"epoch", "lr", "loss", "main_loss", "penalty", "train_error", "val_error",
+                          "test_error", "seconds", "eval_seconds"}
+        for key in ("train_error", "val_error", "test_error"):
+            assert 0.0 <= e[key] <= 100.0
+        assert e["penalty"] > 0 and e["loss"] == pytest.approx(e["main_loss"] + e["penalty"])
+        assert e["seconds"] > 0 and e["eval_seconds"] >= 0
+    assert epochs[-1]["test_error"] < 50  # it learned something
+    assert result.data_stats == {"train": 320, "val": 100, "test": 360}
+
+
+def test_train_error_comes_from_the_clean_forward_pass(tmp_path):
+    """For standard BP the running error is exactly that of the clean batches it trained on."""
+    config = tiny(epochs=1, lr=1e-9, momentum=0.0, schedule="constant", batch_size=320)
+    result = train(config, None, progress=False)
+    from robustbp.training.loop import prepare_data
+
+    splits = prepare_data(config)
+    with torch.no_grad():
+        wrong = (result.model(splits.train.images).argmax(1) != splits.train.labels).sum().item() / 320
+    assert result.history[0]["train_error"] == pytest.approx(100 * wrong, abs=1e-6)
+
+
+def test_accuracy_falls_back_to_an_eval_pass_when_the_method_copies_the_batch():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    counter = CleanBatchAccuracy(model, torch.device("cpu"))
+    x, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    counter.arm(x, y)
+    model(x.clone())  # a copy: not recognised as the clean batch
+    assert counter.seen == 0
+    counter.fallback()
+    expected = (model(x).argmax(1) == y).sum().item()
+    assert counter.seen == 5 and counter.correct.item() == expected
+    counter.arm(x, y)
+    model(x.detach().requires_grad_(True))  # the same storage: counted
+    assert counter.seen == 10
+    counter.close()
+
+
+@pytest.mark.parametrize("method", methods.available())
+def test_every_registered_method_trains(method, tmp_path):
+    config = tiny(method=method, epochs=1, train_size=64, lr=0.01)
+    result = train(config, tmp_path / method, progress=False)
+    (epoch,) = result.history
+    assert math.isfinite(epoch["loss"]) and 0 <= epoch["test_error"] <= 100
+    assert epoch["train_error"] is not None
+
+
+# ------------------------------------------------------------------- config, schedules
+def test_schedules_follow_the_papers():
+    def lrs(schedule, epochs=6):
+        model = torch.nn.Linear(1, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = make_scheduler(schedule, optimizer, epochs)
+        out = []
+        for _ in range(epochs):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    assert lrs("constant") == [1.0] * 6
+    assert lrs("exp:0.98") == pytest.approx([0.98**k for k in range(6)])
+    assert lrs("step:2") == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25])
+    assert lrs("step:3:0.1") == pytest.approx([1, 1, 1, 0.1, 0.1, 0.1])
+    assert lrs("cosine", 4) == pytest.approx([(1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)])
+    for bad in ("exp", "exp:1.5", "exp:0", "step:0", "step:1.5", "linear", "cosine:3", "exp:nan"):
+        with pytest.raises(ValueError, match="invalid schedule"):
+            parse_schedule(bad)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(epochs=-1), "epochs must be a whole number >= 1"),
+        (dict(epochs=0), "epochs"),
+        (dict(lr=0.0), "lr must be > 0"),
+        (dict(lr=float("nan")), "lr must be a finite number"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(weight_decay=-1e-4), "weight_decay"),
+        (dict(val_size=-0.1), "val_size"),
+        (dict(val_size=2.5), "val_size"),
+        (dict(train_size=0), "train_size"),
+        (dict(schedule="exp:2"), "invalid schedule"),
+        (dict(dropout=1.0), "dropout"),
+    ],
+)
+def test_invalid_settings_are_refused(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**change)
+
+
+def test_config_round_trip_and_unknown_keys(tmp_path):
+    config = tiny(method="loss-ibp", method_params={"beta": 0.03, "p": 1})
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown training setting"):
+        TrainConfig.from_dict({"epoch": 3})
+    (tmp_path / "spec.toml").write_text('model = "lenet"\nlr = 0.01\n[method_params]\nbeta = 0.01\n')
+    from_file = TrainConfig.from_file(tmp_path / "spec.toml", method="jacobian-spectral")
+    assert from_file.differences(TrainConfig()) == ["model", "method", "method_params", "lr"]
+
+
+def test_unknown_names_and_oversized_subsets_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        train(tiny(method="no-such-method"), None, progress=False)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        train(tiny(dataset="no-such-data"), None, progress=False)
+    with pytest.raises(ValueError, match="unknown model"):
+        train(tiny(model="no-such-model"), None, progress=False)
+    with pytest.raises(ValueError, match="train_size 5000 is larger"):
+        train(tiny(train_size=5000), None, progress=False)
+
+
+# ------------------------------------------------------------------------------ load_run
+def test_load_run_gives_the_trained_model_in_eval_mode(tmp_path):
+    result = train(tiny(epochs=1, dropout=0.3), tmp_path / "run", progress=False)
+    model, config = load_run(tmp_path / "run")
+    assert config == result.config and not model.training
+    assert_same_weights(model, result.model)
+    model2, _ = load_run(tmp_path / "run" / "checkpoint.pt")
+    assert_same_weights(model2, result.model)
+
+
+def test_load_run_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no trained model"):
+        load_run(tmp_path / "empty")
+    train(tiny(epochs=1), tmp_path / "run", progress=False)
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    saved["model_args"]["name"] = "mlp-3x256"  # a checkpoint that does not fit its model
+    torch.save(saved, tmp_path / "run" / "model.pt")
+    with pytest.raises(ValueError, match="does not match model 'mlp-3x256'"):
+        load_run(tmp_path / "run")
+    (tmp_path / "run" / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_run(tmp_path / "run")
+
+
+def test_training_does_not_touch_the_callers_random_state():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(tiny(epochs=1, train_size=64), None, progress=False)
+    assert torch.equal(torch.rand(3), expected)
