@@ -1,0 +1,125 @@
+"""Checks at the public boundary of attacks and evaluation, and guards that leave a model as found.
+
+Every public function of `robustbp.attacks` and `robustbp.evaluate` validates its inputs with these
+helpers, so a bad call fails with one clear `ValueError` before any work is done.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class MissingDependency(ImportError, ValueError):
+    """An optional dependency is not installed (an ImportError; also a ValueError, so callers
+    that turn bad-input errors into one line handle it the same way)."""
+
+
+def check_images(x: torch.Tensor, name: str = "images") -> None:
+    """Images must be a finite floating tensor of shape (N, ...) with values in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor with values in [0, 1], got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape (N, ...) with a batch dimension, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contain non-finite values (nan or inf); expected values in [0, 1]")
+    low, high = float(x.min()), float(x.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"{name} must lie in [0, 1]; the values seen range over [{low:.4g}, {high:.4g}]")
+
+
+def check_labels(y: torch.Tensor, x: torch.Tensor, name: str = "labels") -> None:
+    """Labels must be an integer tensor of shape (N,) matching the images' batch size."""
+    if not isinstance(y, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"{name} must be an integer tensor of class indices, got dtype {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must have shape ({x.shape[0]},) to match the images, got {tuple(y.shape)}")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{name} must be non-negative class indices, got minimum {int(y.min())}")
+
+
+def check_nonnegative(value: float, name: str) -> float:
+    """A budget such as eps, sigma or a step size: a finite number >= 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
+    """A count such as steps, restarts or `first`: an int >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_choice(value: str, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_gradient(gradient: str, first: int) -> None:
+    """gradient is "bp" (ordinary back-propagation) or "linbp" (LinBP from the `first`-th ReLU on)."""
+    check_choice(gradient, "gradient", ("bp", "linbp"))
+    check_positive_int(first, "first")
+
+
+@contextlib.contextmanager
+def preserved_mode(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag on exit, whatever happened inside."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put the model in eval mode inside the block and restore each submodule's previous flag after."""
+    with preserved_mode(model):
+        model.eval()
+        yield
+
+
+@contextlib.contextmanager
+def preserved_parameter_grads(model: nn.Module) -> Iterator[None]:
+    """Freeze parameters (requires_grad=False) inside the block and give back their `.grad` and flags.
+
+    For code we do not control (the attack library calls `model.zero_grad()` and `loss.backward()`),
+    so that an evaluation neither wipes nor adds to gradients a training loop has accumulated.
+    """
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    try:
+        for p, _, _ in saved:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, requires_grad, grad in saved:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+
+
+def linbp_backward(model: nn.Module, first: int):
+    """The core's `robustbp.passes.linbp_backward`, imported only when LinBP is asked for."""
+    try:
+        from robustbp.passes import linbp_backward as core_linbp_backward
+    except ImportError as error:  # the core module may not have landed yet
+        raise MissingDependency(
+            "gradient='linbp' needs robustbp.passes.linbp_backward, which could not be imported: " f"{error}"
+        ) from error
+    return core_linbp_backward(model, first=first)
