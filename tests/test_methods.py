@@ -354,3 +354,13 @@ def test_functional_nonlinearity_is_detected():
 
     with pytest.raises(NotLinearizable, match="outside of a module"):
         methods.get("loss-ibp").backward(Hidden(), torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("architecture", ["batchnorm", "residual", "dropout"])
+@pytest.mark.parametrize("case", ["loss-ibp-p1", "loss-ibp-p2", "double-backprop-p2", "prediction-ibp-sign", "linbp-all"])
+def test_gradient_matches_reference_in_eval_mode(case, architecture):
+    """BatchNorm with running statistics (the fused IBP path) and Dropout switched off."""
+    spec, reference = CASES[case]
+    model, x, y = build(architecture, train=False)
+    got, _ = method_grads(model, _method(spec), x, y)
+    assert relative_error(got, reference(reference_for(model, x, y))) <= TOLERANCE
