@@ -163,6 +163,17 @@ def test_read_cifar100_fine_and_coarse(tmp_path):
     assert coarse_train.num_classes == 20 and coarse_train.labels.tolist() == [19, 0, 1, 2, 3, 4]
 
 
+def test_read_cifar_batch_pickled_by_numpy_1(tmp_path):
+    """The real batches name numpy.core.multiarray (numpy 1), not numpy._core (numpy 2)."""
+    raw = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072) % 251
+    for name, n in (("train", 2), ("test", 2)):
+        blob = pickle.dumps({b"data": raw[:n], b"fine_labels": [3, 7]}, protocol=2)
+        (tmp_path / name).write_bytes(blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    train, _ = data.read_cifar(tmp_path)
+    assert train.labels.tolist() == [3, 7]
+    np.testing.assert_array_equal(train.images.numpy() * 255, raw.reshape(2, 3, 32, 32).astype(np.float32))
+
+
 def test_read_cifar_refuses_code_and_bad_files(tmp_path):
     for name in ("train", "test"):
         with open(tmp_path / name, "wb") as f:
