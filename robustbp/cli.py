@@ -216,10 +216,6 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.method}")
-    if not args.quiet:
-        params = ", ".join(f"{k}={v}" for k, v in config.method_params.items())
-        print(f"training {config.model} on {config.dataset} with {config.method}"
-              f"{f' ({params})' if params else ''} for {config.epochs} epochs -> {out}", file=sys.stderr)
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if result.status != "complete":
         return 130

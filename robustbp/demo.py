@@ -18,7 +18,6 @@ few minutes; the training settings below differ from TrainConfig's defaults for 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -75,17 +74,16 @@ def run(out_dir: str | Path = "runs/demo", epochs: int = EPOCHS, train_size: int
     """Train the three methods, evaluate them, print the table; write demo.json and demo.png."""
     from robustbp import data
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if test_size is not None and test_size < 1:
         raise ValueError(f"test_size must be a whole number >= 1, got {test_size}")
+    configs = [demo_config(method, params, epochs, train_size, seed) for method, params in METHODS]  # checks first
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     _, test = data.load(DATASET)
     images, labels = test.images[:test_size], test.labels[:test_size]
     rows = []
-    for method, params in METHODS:
-        config = demo_config(method, params, epochs, train_size, seed)
-        if progress:
-            print(f"demo: training {MODEL} with {method} {params or ''} for {epochs} epochs", file=sys.stderr)
+    for config in configs:
+        method, params = config.method, config.method_params
         started = time.perf_counter()
         result = train(config, out / method, overwrite=True, progress=progress)
         if result.status != "complete":

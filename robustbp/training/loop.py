@@ -219,17 +219,19 @@ def train(
     """
     config.validate()
     out = Path(out_dir) if out_dir is not None else None
-    saved = _open_run_folder(out, config, resume, overwrite)
+    saved = _check_run_folder(out, config, resume, overwrite)
     splits = prepare_data(config, data)
     method = make_method(config, loss_fn)
     device = torch.device(config.device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return _Run(config, out, splits, method, device, saved, progress).run(catch_sigint)
+        state = _Run(config, out, splits, method, device, saved, progress)  # builds the model: may still fail
+        _prepare_run_folder(out, resume)  # only now touch the disk
+        return state.run(catch_sigint)
 
 
-def _open_run_folder(out: Path | None, config: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
-    """Check the folder; return the checkpoint to resume from, if any."""
+def _check_run_folder(out: Path | None, config: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
+    """Check the folder without changing it; return the checkpoint to resume from, if any."""
     if out is None:
         if resume:
             raise ValueError("resume needs the run folder (out_dir) to resume from")
@@ -247,13 +249,17 @@ def _open_run_folder(out: Path | None, config: TrainConfig, resume: bool, overwr
             detail = ", ".join(f"{n}: {getattr(before, n)!r} -> {getattr(config, n)!r}" for n in changed)
             raise ValueError(f"cannot resume {out} with different settings ({detail}); only {', '.join(RESUMABLE_CHANGES)} may change")
         return saved
-    if checkpoint.exists() or (out / runs.MODEL).exists():
-        if not overwrite:
-            raise ValueError(f"{out} already holds a run; resume it, or overwrite it, or choose another folder")
-        for name in (runs.CHECKPOINT, runs.MODEL, runs.HISTORY):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if (checkpoint.exists() or (out / runs.MODEL).exists()) and not overwrite:
+        raise ValueError(f"{out} already holds a run; resume it, or overwrite it, or choose another folder")
     return None
+
+
+def _prepare_run_folder(out: Path | None, resume: bool) -> None:
+    if out is None or resume:
+        return
+    for name in (runs.CHECKPOINT, runs.MODEL, runs.HISTORY):  # an overwritten run's files
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 class _Run:
@@ -357,8 +363,19 @@ class _Run:
         }
         runs.save_torch(final, self.out / runs.MODEL)
 
+    def _describe(self) -> str:
+        config = self.config
+        params = ", ".join(f"{k}={v}" for k, v in config.method_params.items())
+        val = f", {len(self.splits.val)} validation" if self.splits.val is not None else ""
+        where = f" -> {self.out}" if self.out is not None else ""
+        start = f" (resuming after {self.last_good})" if self.epoch or self.step else ""
+        return (f"training {config.model} on {config.dataset} ({len(self.y)} images{val}) with {config.method}"
+                f"{f' ({params})' if params else ''}, {config.epochs} epochs{where}{start}")
+
     # --- the loop ------------------------------------------------------------------------------
     def run(self, catch_sigint: bool) -> TrainResult:
+        if self.progress:
+            print(self._describe(), file=sys.stderr)
         if self.out is not None and self.epoch == 0 and self.step == 0:
             self._save("running")  # config.json at once, and a checkpoint to resume from
         counter = CleanBatchAccuracy(self.model, self.device)

@@ -1,0 +1,174 @@
+"""The `robustbp` command: registries listed, one-line errors, a tiny train + evaluate end to end."""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from robustbp import cli, data, methods, models
+from robustbp.train import read_history
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit:  # argparse's --help and usage errors
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+TINY = ("--dataset", "digits", "--model", "mlp-2x256", "--epochs", "1", "--train-size", "200",
+        "--batch-size", "50", "--lr", "0.05", "--quiet")
+
+
+# -------------------------------------------------------------------------- registries
+@pytest.mark.parametrize("command, names", [("methods", methods.available), ("datasets", data.available),
+                                            ("models", models.available)])
+def test_registry_listings_name_everything(capsys, command, names):
+    code, out, err = run(capsys, command)
+    assert code == 0 and err == ""
+    listed = [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")]
+    assert listed == names()
+
+
+def test_methods_listing_shows_parameters(capsys):
+    _, out, _ = run(capsys, "methods", "--short")
+    assert "loss-ibp" in out and "beta=0.01" in out and "p=1" in out
+
+
+def test_every_option_has_a_help_text():
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == set(cli.COMMANDS)
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"robustbp {name} {action.option_strings} has no help"
+
+
+# ----------------------------------------------------------------------------- errors
+ERRORS = [
+    (("train", "--dataset", "no-such-set", "--quiet"), "unknown dataset 'no-such-set'"),
+    (("train", "--model", "no-such-net", "--quiet"), "unknown model 'no-such-net'"),
+    (("train", "--method", "no-such-method", "--quiet"), "unknown method 'no-such-method'"),
+    (("train", "--dataset", "fashion-mnist", "--data-dir", "/no/such/folder", "--quiet"), "does not exist"),
+    (("train", "--epochs", "-3", "--quiet"), "epochs must be a whole number >= 1"),
+    (("train", "--lr", "0", "--quiet"), "lr must be > 0"),
+    (("train", "--lr", "-0.1", "--quiet"), "lr must be > 0"),
+    (("train", "--batch-size", "0", "--quiet"), "batch_size"),
+    (("train", "--epochs", "two"), "invalid int value"),
+    (("train", "--schedule", "linear", "--quiet"), "invalid schedule"),
+    (("train", "--method", "standard", "--beta", "0.1", "--quiet"), "method 'standard' does not take --beta"),
+    (("train", "--method", "loss-ibp", "--eps", "0.1", "--quiet"), "does not take --eps; it takes --beta, --p"),
+    (("train", "--method", "loss-ibp", "--param", "gamma=2", "--quiet"), "does not take --gamma"),
+    (("train", "--no-such-option"), "unrecognized arguments"),
+    (("train", "--resume", "--out", "/no/such/run"), "holds no config.json"),
+    (("train", "--config", "/no/such/file.toml"), "config file /no/such/file.toml does not exist"),
+    (("evaluate", "--checkpoint", "/no/such/run"), "run folder /no/such/run does not exist"),
+    (("nonsense",), "invalid choice"),
+    (("demo", "--epochs", "0", "--quiet"), "epochs must be a whole number >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv, message", ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
+def test_errors_are_one_line_without_traceback(capsys, argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written in the working tree
+    monkeypatch.delenv("ROBUSTBP_DATA", raising=False)
+    code, out, err = run(capsys, *argv)
+    assert code not in (0, None)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("robustbp: error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "robustbp", "train", "--epochs", "-1"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "robustbp: error: epochs must be a whole number >= 1, got -1"
+    ]
+
+
+# -------------------------------------------------------------------------- end to end
+def test_train_then_evaluate(capsys, tmp_path):
+    a, b = tmp_path / "std", tmp_path / "ibp"
+    code, out, err = run(capsys, "train", *TINY, "--out", str(a))
+    assert code == 0, err
+    assert "test error" in out
+    code, _, err = run(capsys, "train", *TINY, "--method", "loss-ibp", "--beta", "0.05", "--p", "2",
+                       "--seed", "1", "--out", str(b))
+    assert code == 0, err
+    config = json.loads((b / "config.json").read_text())
+    assert config["method"] == "loss-ibp" and config["method_params"] == {"beta": 0.05, "p": 2}
+    assert config["seed"] == 1 and config["train_size"] == 200 and config["lr"] == 0.05
+
+    code, _, err = run(capsys, "train", *TINY, "--out", str(a))
+    assert code != 0 and "already holds a run" in err
+
+    out_dir = tmp_path / "eval"
+    code, out, err = run(capsys, "evaluate", "--checkpoint", str(a), "--compare", str(b), "--suite", "accuracy",
+                         "--limit", "100", "--out", str(out_dir))
+    assert code == 0, err
+    result = json.loads((out_dir / "accuracy.json").read_text())
+    assert result["images"] == 100 and set(result["error"]) == {"std", "ibp"}
+    assert all(0 <= v <= 100 for v in result["error"].values())
+    setup = json.loads((out_dir / "evaluate-config.json").read_text())
+    assert setup["suites"] == ["accuracy"] and setup["dataset"] == "digits"
+    assert "std" in out and "ibp" in out
+
+
+def test_evaluate_with_the_evaluation_suites(capsys, tmp_path):
+    evaluate = pytest.importorskip("robustbp.evaluate")
+    if not hasattr(evaluate, "evaluate_runs") or "noise" not in getattr(evaluate, "SUITES", ()):
+        pytest.skip("the evaluation package has no evaluate_runs / noise suite yet")
+    run_dir = tmp_path / "std"
+    assert run(capsys, "train", *TINY, "--out", str(run_dir))[0] == 0
+    code, _, err = run(capsys, "evaluate", "--checkpoint", str(run_dir), "--suite", "accuracy,noise",
+                       "--limit", "50", "--quick", "--out", str(tmp_path / "eval"))
+    assert code == 0, err
+    assert (tmp_path / "eval" / "noise.json").is_file()
+    code, _, err = run(capsys, "evaluate", "--checkpoint", str(run_dir), "--suite", "no-such-suite")
+    assert code != 0 and "unknown suite" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_from_the_command_line(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", *TINY, "--out", str(run_dir))[0] == 0
+    code, _, err = run(capsys, "train", "--resume", "--out", str(run_dir), "--epochs", "2", "--quiet")
+    assert code == 0, err
+    assert [e["epoch"] for e in read_history(run_dir)["epochs"]] == [1, 2]
+    code, _, err = run(capsys, "train", "--resume", "--out", str(run_dir), "--lr", "0.5", "--quiet")
+    assert code != 0 and "cannot resume" in err
+
+
+def test_config_file_then_options(capsys, tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'dataset = "digits"\nmodel = "mlp-2x256"\nmethod = "loss-ibp"\nepochs = 1\ntrain_size = 100\n'
+        "[method_params]\nbeta = 0.02\n"
+    )
+    code, _, err = run(capsys, "train", "--config", str(tmp_path / "run.toml"), "--beta", "0.04", "--quiet",
+                       "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["method_params"] == {"beta": 0.04} and config["train_size"] == 100
+
+
+def test_non_finite_loss_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "train", *TINY, "--lr", "1e12", "--momentum", "0", "--epochs", "3",
+                       "--out", str(tmp_path / "run"))
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "non-finite loss" in err and "epoch" in err and "step" in err
