@@ -67,24 +67,31 @@ def _distance_chunk(model, x, n_samples, initial_radius, max_radius, rel_tol, ge
     with torch.no_grad():
         center_class = model(x).argmax(dim=1)
 
-        def changes_class(radius: torch.Tensor) -> torch.Tensor:
-            """(n,) bool: some point x + r·uⱼ on the sphere of radius r is not classified as c."""
-            samples = x.unsqueeze(1) + radius.view(n, 1, *[1] * len(shape)) * directions
-            predicted = model(samples.reshape(n * n_samples, *shape)).argmax(dim=1).view(n, n_samples)
-            return (predicted != center_class.unsqueeze(1)).any(dim=1)
+        def changes_class(radius: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+            """(n,) bool: for the active points, some x + r·uⱼ on the sphere of radius r is not
+            classified as the center; False for the others (which are not evaluated)."""
+            changed = torch.zeros(n, dtype=torch.bool, device=x.device)
+            index = torch.nonzero(active).flatten()
+            if len(index):
+                scale = radius[index].view(-1, 1, *[1] * len(shape))
+                samples = x[index].unsqueeze(1) + scale * directions[index]
+                predicted = model(samples.reshape(-1, *shape)).argmax(dim=1).view(len(index), n_samples)
+                changed[index] = (predicted != center_class[index].unsqueeze(1)).any(dim=1)
+            return changed
 
         low = torch.zeros(n, dtype=x.dtype, device=x.device)
         high = torch.full((n,), initial_radius, dtype=x.dtype, device=x.device)
-        found = changes_class(high)
-        while not bool(found.all()) and float(high[~found].min()) < max_radius:
-            grow = ~found
-            low = torch.where(grow, high, low)
-            high = torch.where(grow, (high * 2).clamp(max=max_radius), high)
-            found = found | (grow & changes_class(high))
-        searching = found.clone()
+        found = changes_class(high, torch.ones(n, dtype=torch.bool, device=x.device))
+        growing = ~found & (high < max_radius)
+        while bool(growing.any()):
+            low = torch.where(growing, high, low)
+            high = torch.where(growing, (high * 2).clamp(max=max_radius), high)
+            found = found | changes_class(high, growing)
+            growing = ~found & (high < max_radius)
+        searching = found & (high - low > rel_tol * high)
         while bool(searching.any()):
             middle = (low + high) / 2
-            changed = changes_class(middle)
+            changed = changes_class(middle, searching)
             high = torch.where(searching & changed, middle, high)
             low = torch.where(searching & ~changed, middle, low)
             searching = found & (high - low > rel_tol * high)

@@ -48,7 +48,7 @@ def budget_warnings(
             warnings.append(
                 f"{model}: {attack} success rate falls from {_percent(best)} at {budget_name} {best_budget:g} "
                 f"to {_percent(rate)} at {budget_name} {budget:g}; a larger budget should not weaken an attack "
-                "(unreliable gradients?)"
+                "(unreliable gradients or a noisy attack)"
             )
             break
         if rate > best:
@@ -57,8 +57,8 @@ def budget_warnings(
     if last_rate - first_rate <= tol and last_rate < 1.0 - tol:
         warnings.append(
             f"{model}: {attack} success rate does not rise with {budget_name} ({_percent(first_rate)} at "
-            f"{first_budget:g}, {_percent(last_rate)} at {last_budget:g}) while below 100%; the gradients may be "
-            "masked"
+            f"{first_budget:g}, {_percent(last_rate)} at {last_budget:g}) while below 100%; the attack may be "
+            "blind (masked gradients, flat outputs) - confirm the robustness with other attacks"
         )
     return warnings
 

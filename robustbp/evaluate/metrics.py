@@ -54,8 +54,9 @@ def noise_curve(
 ) -> dict:
     """Error under Gaussian noise for each σ (spectral paper §4.2.1, Fig. 3 left; IBP Fig. 4).
 
-    For each σ the noise is drawn from a generator seeded with `seed`, so every model called
-    with the same seed sees the same noisy images. Returns {"sigma": [...], "accuracy": [...],
+    For each σ the noise is σ·z with z ~ N(0, I) drawn from a generator seeded with `seed`: every
+    model called with the same seed sees the same noisy images, and the curve over σ scales one
+    draw (common random numbers, so it is smooth in σ). Returns {"sigma": [...], "accuracy": [...],
     "error": [...], "drop": [...]}, drop = clean accuracy - accuracy under noise; at σ = 0 the
     images are unchanged and the drop is 0.
     """
