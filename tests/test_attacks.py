@@ -11,6 +11,7 @@ from torch import nn
 from robustbp.attacks import (
     apgd,
     art_available,
+    autoattack,
     art_pgd,
     fgsm,
     gradient_noise,
@@ -283,6 +284,19 @@ def test_square_and_apgd_find_adversarials_inside_the_ball(model, data):
         assert success_rate(model, x, x_adv, y) > 0.2
     # seeded: the same call gives the same images
     torch.testing.assert_close(square(model, x, y, eps, queries=20, seed=4), square(model, x, y, eps, queries=20, seed=4))
+
+
+@needs_art
+def test_autoattack_ensemble_keeps_every_success_of_its_first_stage(model, data):
+    x, y = data[0][:60], data[1][:60]
+    eps = 6 / 255
+    ensemble = autoattack(model, x, y, eps, steps=10, restarts=1, queries=50)
+    first_stage = apgd(model, x, y, eps, steps=10, restarts=1)
+    assert float((ensemble - x).abs().max()) <= eps + 1e-5
+    assert success_rate(model, x, ensemble, y) >= success_rate(model, x, first_stage, y)
+    with torch.no_grad():  # points it could not break are returned unchanged
+        unbroken = model(ensemble).argmax(1) == y
+    torch.testing.assert_close(ensemble[unbroken], x[unbroken])
 
 
 @needs_art

@@ -260,18 +260,46 @@ def autoattack(
     y: torch.Tensor,
     eps: float,
     norm: str = "linf",
+    steps: int = 100,
+    restarts: int = 5,
+    queries: int = 5000,
     seed: int = 0,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """ART's AutoAttack (Croce & Hein 2020) with its default attack list: APGD-CE, APGD-DLR
-    (5 restarts, 100 steps each), DeepFool and Square (5000 queries); per point the first
-    successful one is kept. Slow: meant for final numbers, not for the quick suites."""
-    eps = _check(x, y, eps)
-    require_art()
-    from art.attacks.evasion import AutoAttack
+    """AutoAttack-style ensemble (Croce & Hein 2020) from ART's attacks, run in sequence:
+    APGD-CE and APGD-DLR (`steps` steps, `restarts` restarts; DLR only with ≥ 3 classes), then
+    Square (`queries` queries; images (B, C, H, W) only). Each attack sees only the points still
+    classified correctly; per point the first successful adversarial image is kept.
 
-    with _art_run(model, seed):
-        attack = AutoAttack(
-            art_classifier(model, x), norm=_art_norm(norm), eps=eps, eps_step=2 * eps, batch_size=batch_size
+    Composed here rather than taken from `art.attacks.evasion.AutoAttack`, which imports the
+    package `multiprocess` (not an ART dependency) and adds DeepFool. Slow at the defaults:
+    meant for final numbers, not for the quick suites.
+    """
+    eps = _check(x, y, eps)
+    check_choice(norm, "norm", ("linf", "l2"))
+    check_positive_int(steps, "steps")
+    check_positive_int(restarts, "restarts")
+    check_positive_int(queries, "queries")
+    require_art()
+    with torch.no_grad():
+        logits = model(x)
+    n_classes = logits.shape[1]
+    stages = [lambda xs, ys: apgd(model, xs, ys, eps, steps, norm, restarts, "ce", seed=seed, batch_size=batch_size)]
+    if n_classes >= 3:
+        stages.append(
+            lambda xs, ys: apgd(model, xs, ys, eps, steps, norm, restarts, "dlr", seed=seed, batch_size=batch_size)
         )
-        return _run(attack, x, y)
+    if x.dim() == 4:
+        stages.append(lambda xs, ys: square(model, xs, ys, eps, queries, norm, seed=seed, batch_size=batch_size))
+    x_adv = x.detach().clone()
+    robust = logits.argmax(dim=1) == y
+    for stage in stages:
+        index = torch.nonzero(robust).flatten()
+        if len(index) == 0:
+            break
+        candidate = stage(x[index], y[index])
+        with torch.no_grad():
+            fooled = model(candidate).argmax(dim=1) != y[index]
+        x_adv[index[fooled]] = candidate[fooled]
+        robust[index[fooled]] = False
+    return x_adv
