@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -402,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         return int(args.run(args) or 0)
+    except BrokenPipeError:  # e.g. `robustbp methods | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except UsageError as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 2

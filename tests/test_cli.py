@@ -92,6 +92,7 @@ def test_errors_are_one_line_without_traceback(capsys, argv, message, tmp_path, 
     assert len(lines) == 1, err
     assert lines[0].startswith("robustbp: error: ") and message in lines[0], lines[0]
     assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # a failed command leaves no run folder behind
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
