@@ -232,6 +232,8 @@ def test_budget_warnings_fire_on_flat_or_falling_curves_only():
     assert len(flat) == 1 and "does not rise" in flat[0]
     falling = budget_warnings("m", "PGD", "steps", [1, 5, 20], [0.3, 0.8, 0.5], 500)
     assert len(falling) == 1 and "falls from 80.0% at steps 5 to 50.0% at steps 20" in falling[0]
+    assert budget_warnings("m", "PGD", "steps", [10, 100], [0.01, 0.01], 500, check_flat=False) == []
+    assert budget_warnings("m", "PGD", "steps", [10, 100], [0.3, 0.1], 500, check_flat=False)
     assert square_warnings("m", 0.1, "Linf", 0.6, {"PGD": 0.3}, 500)
     assert square_warnings("m", 0.1, "Linf", 0.6, {"PGD": 0.59}, 500) == []
     assert gradient_warnings("m", {"zero_share": 0.5, "nonfinite_share": 0.0})
