@@ -173,3 +173,29 @@ def test_non_finite_loss_is_one_line(capsys, tmp_path):
                        "--out", str(tmp_path / "run"))
     assert code == 1
     assert len(err.strip().splitlines()) == 1 and "non-finite loss" in err and "epoch" in err and "step" in err
+
+
+def test_ctrl_c_saves_then_resume_finishes(capsys, tmp_path, monkeypatch):
+    import signal
+
+    from robustbp.training import loop
+
+    real_make_method = loop.make_method
+    calls = {"n": 0}
+
+    def ctrl_c_on_third_step(logits, labels):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    monkeypatch.setattr(loop, "make_method", lambda config, loss_fn=None: real_make_method(config, ctrl_c_on_third_step))
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", *TINY, "--out", str(run_dir))
+    assert code == 130
+    assert "Traceback" not in err and f"resume with --resume --out {run_dir}" in err
+    assert read_history(run_dir)["status"] == "interrupted"
+    monkeypatch.setattr(loop, "make_method", real_make_method)
+    code, out, err = run(capsys, "train", "--resume", "--out", str(run_dir), "--quiet")
+    assert code == 0, err
+    assert read_history(run_dir)["status"] == "complete" and (run_dir / "model.pt").is_file()

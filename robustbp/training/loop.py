@@ -312,6 +312,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,
+            "method": self.method.state_dict(self.model) if hasattr(self.method, "state_dict") else None,
             "history": self.history,
         }
 
@@ -331,6 +332,9 @@ class _Run:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.epoch_shuffle_state = rng.get("epoch_shuffle")
+        if saved.get("method") is not None and hasattr(self.method, "load_state_dict"):
+            # a method's state between steps (e.g. power-iteration vectors); optional protocol
+            self.method.load_state_dict(self.model, saved["method"])
         self.epoch, self.step = saved["epoch"], saved["step"]
         self.partial = dict(saved["partial"])
         self.history = list(saved["history"])
