@@ -57,7 +57,7 @@ def demo_config(method: str, params: dict[str, Any], epochs: int = EPOCHS, train
 def robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, float]:
     """Test error (%) clean, under Gaussian noise and under FGSM, with the evaluation package's functions."""
     from robustbp.attacks import fgsm
-    from robustbp.evaluate.metrics import gaussian_noise
+    from robustbp.evaluate import gaussian_noise
 
     model.eval()
     noisy = gaussian_noise(images, NOISE_SIGMA, torch.Generator().manual_seed(seed))  # the same noise for every model
