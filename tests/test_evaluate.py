@@ -324,6 +324,10 @@ def test_evaluate_runs_validates_before_writing(models, data, tmp_path):
         evaluate_runs({}, x, y, ["noise"], out)
     with pytest.raises(ValueError, match="labels go up to 5"):
         evaluate_runs(models, x, torch.full_like(y, 5), ["noise"], out)
+    with pytest.raises(ValueError, match=r"model 'relu' cannot process images of shape \(1, 4, 4\)"):
+        evaluate_runs(models, x[:, :, :4, :4], y, ["noise"], out)
+    with pytest.raises(ValueError, match="settings must be a SuiteSettings"):
+        evaluate_runs(models, x, y, ["noise"], out, settings={"noise_sigmas": (0.1,)})
     assert not out.exists()
 
 

@@ -607,8 +607,11 @@ def _validate(models, images, labels, suites, out_dir, seed) -> list[str]:
                 raise MissingDependency(f"the {suite} suite needs robustbp.passes.{function}: {error}") from error
     n_classes_needed = int(labels.max()) + 1
     for name, model in models.items():
-        with eval_mode(model), torch.no_grad():
-            logits = model(images[:1])
+        try:
+            with eval_mode(model), torch.no_grad():
+                logits = model(images[:1])
+        except RuntimeError as error:
+            raise ValueError(f"model {name!r} cannot process images of shape {tuple(images.shape[1:])}: {error}") from None
         if logits.dim() != 2 or logits.shape[0] != 1:
             raise ValueError(f"model {name!r} must map (N, ...) images to (N, classes) logits, "
                              f"got output shape {tuple(logits.shape)} for one image")
@@ -632,6 +635,7 @@ def evaluate_runs(
     out_dir: Path,
     seed: int = 0,
     quick: bool = False,
+    settings: SuiteSettings | None = None,
 ) -> dict:
     """Evaluate every model on the same points with each suite; print tables; write JSON and PNG.
 
@@ -641,6 +645,8 @@ def evaluate_runs(
     and `<suite>.png` for each suite, each written atomically. seed: every random draw (noise,
     random starts, Square, spheres) comes from it. quick: the QUICK settings (seconds on small
     models: the first 256 images, small budgets), else FULL (the papers' budgets, all images).
+    settings: a SuiteSettings to use instead of QUICK/FULL (e.g. dataclasses.replace(FULL,
+    linbp_first=3)).
 
     Inputs are validated before anything is written (ValueError: unknown suite, images outside
     [0, 1], shapes; MissingDependency, also a ValueError: ART for square/apgd). Models are put in
@@ -651,9 +657,12 @@ def evaluate_runs(
     "quick"}. Accuracies, errors, drops and success rates are fractions in [0, 1].
     """
     suites = _validate(models, images, labels, suites, out_dir, seed)
+    if settings is None:
+        settings = QUICK if quick else FULL
+    elif not isinstance(settings, SuiteSettings):
+        raise ValueError(f"settings must be a SuiteSettings, got {type(settings).__name__}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = QUICK if quick else FULL
     images, labels = images.detach()[: settings.max_points], labels.detach()[: settings.max_points]
     run = _Run(dict(models), images, labels, settings, seed)
     results: dict[str, dict] = {}
