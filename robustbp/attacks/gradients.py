@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbp.attacks._common import check_choice, check_gradient, check_images, check_labels, linbp_backward
+from robustbp.attacks._common import check_gradient, check_images, check_labels, linbp_backward
 
 LOSSES = ("ce", "kl")
 

@@ -42,7 +42,6 @@ from robustbp.evaluate import checks
 from robustbp.evaluate.boundary import boundary_distance
 from robustbp.evaluate.metrics import (
     attack_success_rate,
-    batched_attack,
     gradient_noise_curve,
     noise_curve,
     predict,
