@@ -267,7 +267,8 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
             return lambda h: h / module.std
 
         if isinstance(module, nn.ReLU):
-            return lambda h: h * _tile(next_record(module) > 0, repeats_of(h))
+            # threshold_backward(h, out, 0) = h where out > 0, else 0: the mask in one fused kernel
+            return lambda h: torch.ops.aten.threshold_backward(h, _tile(next_record(module), repeats_of(h)), 0)
 
         if isinstance(module, nn.LeakyReLU):
 
