@@ -76,6 +76,7 @@ ERRORS = [
     (("train", "--no-such-option"), "unrecognized arguments"),
     (("train", "--resume", "--out", "/no/such/run"), "holds no config.json"),
     (("train", "--config", "/no/such/file.toml"), "config file /no/such/file.toml does not exist"),
+    (("train", "--device", "gpu", "--quiet"), "invalid device 'gpu'"),
     (("evaluate", "--checkpoint", "/no/such/run"), "run folder /no/such/run does not exist"),
     (("nonsense",), "invalid choice"),
     (("demo", "--epochs", "0", "--quiet"), "epochs must be a whole number >= 1"),

@@ -216,18 +216,40 @@ def train(
     loss_fn: per-sample loss given to the method (default cross-entropy).
     Ctrl-C saves a checkpoint after the current step and returns with status "interrupted".
     Raises NonFiniteLoss (naming the epoch and step) if the loss becomes NaN or infinite.
+
+    History (history.json, TrainResult.history), one record per epoch: epoch, lr (used during
+    the epoch), loss = main_loss + penalty (means over the epoch's training samples),
+    train_error (running error of the clean training batches as the method saw them, in train
+    mode, while the weights changed), val_error and test_error (eval mode, after the epoch;
+    val_error None without a validation split), seconds (training steps only) and eval_seconds.
+    Errors are in percent.
     """
     config.validate()
     out = Path(out_dir) if out_dir is not None else None
     saved = _check_run_folder(out, config, resume, overwrite)
     splits = prepare_data(config, data)
     method = make_method(config, loss_fn)
-    device = torch.device(config.device)
+    device = check_device(config.device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         state = _Run(config, out, splits, method, device, saved, progress)  # builds the model: may still fail
         _prepare_run_folder(out, resume)  # only now touch the disk
         return state.run(catch_sigint)
+
+
+def check_device(name: str) -> torch.device:
+    """torch.device(name), or a ValueError when it is not a device or not available here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"invalid device {name!r}: {error}") from None
+    available = {"cpu": lambda: True, "cuda": torch.cuda.is_available,
+                 "mps": lambda: hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
+    if not available.get(device.type, lambda: True)():
+        raise ValueError(f"device {name!r} is not available on this machine (try --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _check_run_folder(out: Path | None, config: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
