@@ -249,9 +249,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from robustbp import data
     from robustbp.train import error_rate, load_run
+    from robustbp.training.loop import check_device
 
+    device = check_device(args.device)
     paths = [args.checkpoint, *args.compare]
-    loaded = [(Path(p), *load_run(p, device=args.device)) for p in paths]
+    loaded = [(Path(p), *load_run(p, device=device)) for p in paths]
     datasets = {config.dataset for _, _, config in loaded}
     if len(datasets) > 1:
         raise UsageError(f"the runs were trained on different datasets ({', '.join(sorted(datasets))}); compare runs of one dataset")
@@ -262,7 +264,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     _, test = data.load(config.dataset, args.data_dir or config.data_dir)
     images, labels = test.images[: args.limit], test.labels[: args.limit]
-    images, labels = images.to(args.device), labels.to(args.device)
+    images, labels = images.to(device), labels.to(device)
     models = {}
     for path, model, _ in loaded:
         name = path.name if path.is_dir() else path.parent.name

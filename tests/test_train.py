@@ -330,7 +330,7 @@ def test_config_round_trip_and_unknown_keys(tmp_path):
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="unknown training setting"):
         TrainConfig.from_dict({"epoch": 3})
-    (tmp_path / "spec.toml").write_text('model = "lenet"\nlr = 0.01\n[method_params]\nbeta = 0.01\n')
+    (tmp_path / "spec.toml").write_text('model = "lenet"\nlr = 0.05\n[method_params]\nbeta = 0.01\n')
     from_file = TrainConfig.from_file(tmp_path / "spec.toml", method="jacobian-spectral")
     assert from_file.differences(TrainConfig()) == ["model", "method", "method_params", "lr"]
 
