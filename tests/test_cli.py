@@ -194,7 +194,7 @@ def test_ctrl_c_saves_then_resume_finishes(capsys, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     code, _, err = run(capsys, "train", *TINY, "--out", str(run_dir))
     assert code == 130
-    assert "Traceback" not in err and f"resume with --resume --out {run_dir}" in err
+    assert "Traceback" not in err and f"robustbp train --resume --out {run_dir}" in err
     assert read_history(run_dir)["status"] == "interrupted"
     monkeypatch.setattr(loop, "make_method", real_make_method)
     code, out, err = run(capsys, "train", "--resume", "--out", str(run_dir), "--quiet")

@@ -421,14 +421,14 @@ class _Run:
             # through a step, so keep the checkpoint saved last rather than save this state.
             status = "interrupted"
             self._save_history("interrupted")
-            print(f"robustbp: interrupted; the checkpoint from {self.last_good} is kept", file=sys.stderr)
         finally:
             counter.close()
         if status == "complete":
             self._save_history("complete")
             self._save_final()
         elif self.out is not None:
-            print(f"robustbp: interrupted at {self.last_good}; resume with --resume --out {self.out}", file=sys.stderr)
+            print(f"robustbp: interrupted; the checkpoint in {self.out} holds the run up to {self.last_good}; "
+                  f"continue it with: robustbp train --resume --out {self.out}", file=sys.stderr)
         return TrainResult(
             model=self.model.eval(),
             config=self.config,
