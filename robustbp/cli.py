@@ -4,7 +4,7 @@
     robustbp train --resume --out runs/spec               # continue an interrupted run
     robustbp evaluate --checkpoint runs/spec --compare runs/std --suite noise,fgsm,pgd --out runs/eval
     robustbp methods | datasets | models                  # what the registries hold
-    robustbp demo --out runs/demo                         # the three-method demo (about 2 minutes)
+    robustbp demo --out runs/demo                         # the three-method demo (under a minute on 2 idle cores)
 
 Errors (unknown names, missing data, invalid numbers) print one line, `robustbp: error: ...`,
 and exit with status 1 (2 for a malformed command line); Ctrl-C exits with 130.
@@ -370,7 +370,7 @@ COMMANDS: dict[str, Command] = {
     "methods": Command("list the training methods and their parameters", add_short, run_methods),
     "datasets": Command("list the datasets", add_short, run_datasets),
     "models": Command("list the models", add_short, run_models),
-    "demo": Command("train three methods on mnist-5k and compare their robustness (about 2 minutes)",
+    "demo": Command("train three methods on mnist-5k and compare their robustness (under a minute on 2 idle CPU cores)",
                     add_demo_arguments, run_demo),
     # more subcommands register here: "bench": Command(help, add_arguments, run)
 }

@@ -1,6 +1,6 @@
 """The demo: three ways to train the IBP paper's MNIST net, and how robust each one is.
 
-    robustbp demo --out runs/demo          # or: make demo  (about 2 minutes on 2 CPU cores)
+    robustbp demo --out runs/demo          # or: make demo  (45 s on 2 idle CPU cores)
 
 Trains `ibp-mnist` on the embedded `mnist-5k` (4,000 training digits) with
   standard               plain backpropagation,
