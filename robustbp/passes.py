@@ -157,7 +157,7 @@ def _record_forward(tape: Tape, capture_weights: bool):
 
             def relu_forward(inp):
                 out = torch.relu(inp)
-                records.append(out)
+                records.append(out.detach())
                 return out
 
             return relu_forward
@@ -165,7 +165,7 @@ def _record_forward(tape: Tape, capture_weights: bool):
         if isinstance(module, nn.LeakyReLU):
 
             def leaky_relu_forward(inp):
-                records.append(inp)
+                records.append(inp.detach())
                 return F.leaky_relu(inp, module.negative_slope)
 
             return leaky_relu_forward
@@ -175,7 +175,7 @@ def _record_forward(tape: Tape, capture_weights: bool):
             def smooth_forward(inp):
                 tape.piecewise_linear = False
                 out = original(inp)
-                records.append(out)
+                records.append(out.detach())
                 return out
 
             return smooth_forward
@@ -245,6 +245,8 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
                     tangent_inputs.append(h)
                 if isinstance(module, nn.Linear):
                     return F.linear(h, module.weight)
+                if _unfold_is_faster(module, h):
+                    return _conv_by_unfold(module, h)
                 return module._conv_forward(h, module.weight, None)
 
             return linear_rule
@@ -323,6 +325,25 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
         return jvp_rule
 
     return make
+
+
+def _unfold_is_faster(conv: nn.Conv2d, h: torch.Tensor) -> bool:
+    """On the CPU, oneDNN convolves a few input channels slowly (the IBP MNIST net's first layer,
+    1 channel and a 4×4 kernel: 11.7 ms against 3.6 ms for unfold + matmul at batch 128)."""
+    kernel_size = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    return h.device.type == "cpu" and conv.groups == 1 and conv.padding_mode == "zeros" and kernel_size <= 64 \
+        and not isinstance(conv.padding, str)
+
+
+def _conv_by_unfold(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """conv2d(h, W) without bias as one matrix product with the unfolded input."""
+    columns = F.unfold(h, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (N, C_in·k·k, L)
+    height, width = (
+        (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        for size, pad, dil, k, stride in zip(h.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)
+    )
+    out = conv.weight.reshape(conv.out_channels, -1) @ columns
+    return out.view(h.shape[0], conv.out_channels, height, width)
 
 
 @dataclass
