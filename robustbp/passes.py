@@ -120,9 +120,10 @@ class Tape:
     fallback_modules: set = field(default_factory=set)  # module types linearized by torch.func.jvp
 
 
-def _tile(t: torch.Tensor, repeats: int) -> torch.Tensor:
-    """Repeat a per-sample record along the batch for a stack of `repeats` tangents per sample."""
-    return t if repeats == 1 else t.repeat(repeats, *([1] * (t.dim() - 1)))
+def _elementwise(h: torch.Tensor, batch: int, rule) -> torch.Tensor:
+    """Apply rule(stacked) to h of shape (k·B, ...) viewed as (k, B, ...), so that a per-sample
+    record of shape (B, ...) broadcasts over the k stacked tangents without being copied."""
+    return rule(h.view(-1, batch, *h.shape[1:])).flatten(0, 1)
 
 
 def _record_forward(tape: Tape, capture_weights: bool):
@@ -236,7 +237,7 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
         return tape.records[module][index]
 
     def make(module: nn.Module, original: Callable):
-        repeats_of = lambda h: h.shape[0] // tape.batch_size  # noqa: E731
+        batch = tape.batch_size
 
         if isinstance(module, (nn.Linear, nn.Conv2d)):
 
@@ -245,7 +246,7 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
                     tangent_inputs.append(h)
                 if isinstance(module, nn.Linear):
                     return F.linear(h, module.weight)
-                if _unfold_is_faster(module, h):
+                if not (torch.is_grad_enabled() and module.weight.requires_grad) and _unfold_is_faster(module, h):
                     return _conv_by_unfold(module, h)
                 return module._conv_forward(h, module.weight, None)
 
@@ -270,32 +271,36 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
 
         if isinstance(module, nn.ReLU):
             # threshold_backward(h, out, 0) = h where out > 0, else 0: the mask in one fused kernel
-            return lambda h: torch.ops.aten.threshold_backward(h, _tile(next_record(module), repeats_of(h)), 0)
+            return lambda h: _elementwise(
+                h, batch, lambda k: torch.ops.aten.threshold_backward(k, next_record(module), 0)
+            )
 
         if isinstance(module, nn.LeakyReLU):
 
             def leaky_relu_rule(h):
-                inp = _tile(next_record(module), repeats_of(h))
-                return torch.where(inp > 0, h, h * module.negative_slope)
+                inp = next_record(module)
+                return _elementwise(h, batch, lambda k: torch.where(inp > 0, k, k * module.negative_slope))
 
             return leaky_relu_rule
 
         if isinstance(module, nn.Tanh):
-            return lambda h: h * _tile(1 - next_record(module) ** 2, repeats_of(h))
+            return lambda h: _elementwise(h, batch, lambda k: k * (1 - next_record(module) ** 2))
 
         if isinstance(module, nn.Sigmoid):
 
             def sigmoid_rule(h):
-                out = _tile(next_record(module), repeats_of(h))
-                return h * (out * (1 - out))
+                out = next_record(module)
+                return _elementwise(h, batch, lambda k: k * (out * (1 - out)))
 
             return sigmoid_rule
 
         if isinstance(module, nn.MaxPool2d):
 
             def max_pool_rule(h):
-                indices = _tile(next_record(module), repeats_of(h))
-                return h.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+                indices = next_record(module)
+                stacked = h.view(-1, batch, *h.shape[1:]).flatten(3)
+                positions = indices.flatten(2).expand(stacked.shape[0], -1, -1, -1)
+                return stacked.gather(3, positions).view(h.shape[0], *indices.shape[1:])
 
             return max_pool_rule
 
@@ -303,7 +308,7 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
 
             def dropout_rule(h):
                 mask = next_record(module)
-                return h if mask is None else h * _tile(mask, repeats_of(h))
+                return h if mask is None else _elementwise(h, batch, lambda k: k * mask)
 
             return dropout_rule
 
@@ -319,7 +324,7 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
                 raise UnsupportedModule(
                     f"the linearized pass cannot replay {type(module).__name__}: it takes more than one input"
                 )
-            point = _tile(point, repeats_of(h))
+            point = point.repeat(h.shape[0] // batch, *([1] * (point.dim() - 1)))
             return torch.func.jvp(original, (point,), (h,))[1]
 
         return jvp_rule
@@ -329,7 +334,8 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
 
 def _unfold_is_faster(conv: nn.Conv2d, h: torch.Tensor) -> bool:
     """On the CPU, oneDNN convolves a few input channels slowly (the IBP MNIST net's first layer,
-    1 channel and a 4×4 kernel: 11.7 ms against 3.6 ms for unfold + matmul at batch 128)."""
+    1 channel and a 4×4 kernel: 11.7 ms against 3.6 ms for unfold + matmul at batch 128).
+    Used only where no weight gradient flows back: the batched matmul's backward is slow."""
     kernel_size = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
     return h.device.type == "cpu" and conv.groups == 1 and conv.padding_mode == "zeros" and kernel_size <= 64 \
         and not isinstance(conv.padding, str)
