@@ -111,15 +111,9 @@ def test_resume_after_hard_interrupt_keeps_last_epoch_and_is_bit_identical(tmp_p
     assert_same_weights(resumed.model, reference.model)
 
 
-def stateful_without_state_dict(name: str) -> bool:
-    """Methods that keep state between steps must save it (state_dict(model) / load_state_dict(model, state))."""
-    return name == "spectral-bound" and not hasattr(methods.base.method_class(name), "state_dict")
-
-
 @pytest.mark.parametrize("method", methods.available())
-def test_every_method_resumes_exactly(method, tmp_path, request):
-    if stateful_without_state_dict(method):
-        request.applymarker(pytest.mark.xfail(reason="its power-iteration vectors are not saved in checkpoints"))
+def test_every_method_resumes_exactly(method, tmp_path):
+    """Methods that keep state between steps (spectral-bound) save it through state_dict(model)."""
     config = tiny(method=method, epochs=2, train_size=96, lr=0.01)
     reference = train(config, None, progress=False)
     ctrl_c = CountingLoss(at=4, action=lambda loss: signal.raise_signal(signal.SIGINT))

@@ -70,6 +70,18 @@ class SpectralBound(WeightPenalty):
     def weight_penalty(self, weights):
         return sum(self.largest_singular_value(w) ** 2 for w in weights)
 
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The persistent left singular vectors, by the weight's parameter name (for checkpoints)."""
+        return {name: self._left_vectors[id(p)].clone() for name, p in model.named_parameters()
+                if id(p) in self._left_vectors}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        parameters = dict(model.named_parameters())
+        unknown = sorted(set(state) - set(parameters))
+        if unknown:
+            raise ValueError(f"spectral-bound: saved vectors for parameters the model does not have: {unknown}")
+        self._left_vectors = {id(parameters[name]): u.to(parameters[name].device) for name, u in state.items()}
+
     def largest_singular_value(self, weight: torch.Tensor) -> torch.Tensor:
         matrix = weight.reshape(weight.shape[0], -1)
         with torch.no_grad():
