@@ -48,10 +48,10 @@ class MethodTiming:
 
 
 def parse_method(spec: str):
-    """'name' or 'name:key=value,key=value' → (name, kwargs); values parsed as int, float or str."""
+    """'name' or 'name:key=value/key=value' → (name, kwargs); values parsed as int, float or str."""
     name, _, rest = spec.partition(":")
     kwargs = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split("/")):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"bench: method option {item!r} in {spec!r} is not of the form key=value")
@@ -188,3 +188,40 @@ def format_table(timings: list[MethodTiming]) -> str:
 
 def as_json(timings: list[MethodTiming]) -> list[dict]:
     return [asdict(t) for t in timings]
+
+
+def trainer_overhead(rounds: int = 3, model_name: str = "ibp-mnist", batch_size: int = 128, seed: int = 0) -> dict:
+    """One epoch of `standard` on mnist-5k through `robustbp.train` against a plain hand-written
+    PyTorch loop over the same data, model and batches, interleaved; seconds of training steps."""
+    import torch.nn.functional as F
+
+    from .data import load
+    from .train import TrainConfig, train
+    from .training.loop import model_args_for
+
+    config = TrainConfig(dataset="mnist-5k", model=model_name, method="standard", epochs=1, batch_size=batch_size,
+                         seed=seed, schedule="constant")
+    train_set, test_set = load("mnist-5k")
+
+    def trainer_epoch() -> float:
+        return train(config, None, progress=False, catch_sigint=False, data=(train_set, test_set)).history[0]["seconds"]
+
+    def plain_epoch() -> float:
+        torch.manual_seed(seed)
+        model = model_registry.get(**model_args_for(config, train_set))
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+        start = time.perf_counter()
+        for first in range(0, len(order), batch_size):
+            index = order[first:first + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(train_set.images[index]), train_set.labels[index]).backward()
+            optimizer.step()
+        return time.perf_counter() - start
+
+    trainer_times, plain_times = [], []
+    for _ in range(rounds):
+        trainer_times.append(trainer_epoch())
+        plain_times.append(plain_epoch())
+    trainer_s, plain_s = statistics.median(trainer_times), statistics.median(plain_times)
+    return {"trainer_s": trainer_s, "plain_loop_s": plain_s, "ratio": trainer_s / plain_s, "rounds": rounds}

@@ -363,6 +363,65 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- bench
+BENCH_SETUPS = (("ibp-mnist", 128), ("lenet", 32))  # the defaults: the IBP MNIST net and LeNet
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from robustbp import bench
+
+    parser.add_argument("--model", default=None,
+                        help="model to time (default: ibp-mnist at batch 128, then lenet at batch 32)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (with --model); default 128")
+    parser.add_argument("--image-size", type=int, default=28, help="input height and width; default 28")
+    parser.add_argument("--channels", type=int, default=1, help="input channels; default 1")
+    parser.add_argument("--methods", default=",".join(bench.DEFAULT_METHODS),
+                        help="comma-separated methods, each NAME or NAME:key=value/key=value; default: all, "
+                             "with loss-ibp at p=1 and p=2 and adversarial in both variants")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds, each running every method once; default 20")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first; default 3")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; default cpu")
+    parser.add_argument("--spectral", action="store_true",
+                        help="also time the power-iteration spectral-norm estimate against the exact one")
+    parser.add_argument("--trainer", action="store_true",
+                        help="also time an epoch of the trainer against a plain PyTorch loop")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write every figure to FILE as JSON")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from robustbp import bench
+
+    specs = tuple(spec.strip() for spec in args.methods.split(",") if spec.strip())
+    setups = ((args.model, args.batch_size or 128),) if args.model else BENCH_SETUPS
+    if args.batch_size is not None and not args.model:
+        setups = tuple((model, args.batch_size) for model, _ in setups)
+    report: dict[str, Any] = {"setups": []}
+    for model, batch in setups:
+        timings = bench.bench(model, batch, specs, rounds=args.rounds,
+                              warmup=args.warmup, image_size=args.image_size, in_channels=args.channels,
+                              device=args.device)
+        print(f"{model}, batch {batch}, {args.image_size}×{args.image_size}, {args.rounds} interleaved rounds "
+              f"(median step: zero_grad + method.backward + SGD step)")
+        print(bench.format_table(timings) + "\n")
+        report["setups"].append({"model": model, "batch_size": batch, "rounds": args.rounds,
+                                 "timings": bench.as_json(timings)})
+    if args.spectral:
+        rows = bench.spectral_cost()
+        print("spectral norm per batch (lenet): power iteration, 1 iteration, against exact jacrev + matrix 2-norm")
+        for row in rows:
+            print(f"  batch {row['batch']:>3}: estimate {row['estimate_ms']:.1f} ms, exact {row['exact_ms']:.1f} ms, "
+                  f"{row['speedup']:.0f}× faster")
+        report["spectral"] = rows
+    if args.trainer:
+        overhead = bench.trainer_overhead()
+        print(f"trainer epoch (standard, ibp-mnist, mnist-5k) {overhead['trainer_s']:.3f} s against a plain loop "
+              f"{overhead['plain_loop_s']:.3f} s: ratio {overhead['ratio']:.3f}")
+        report["trainer"] = overhead
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 # ------------------------------------------------------------------------------- the command
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model with one method", add_train_arguments, run_train),
@@ -372,7 +431,8 @@ COMMANDS: dict[str, Command] = {
     "models": Command("list the models", add_short, run_models),
     "demo": Command("train three methods on mnist-5k and compare their robustness (under a minute on 2 idle CPU cores)",
                     add_demo_arguments, run_demo),
-    # more subcommands register here: "bench": Command(help, add_arguments, run)
+    "bench": Command("time one training step of each method side by side, and its ratio to standard",
+                     add_bench_arguments, run_bench),
 }
 
 

@@ -1,0 +1,38 @@
+"""`robustbp bench` runs on a tiny model and prints a ratio for every method (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+import re
+
+import robustbp.methods as methods
+from robustbp.bench import DEFAULT_METHODS, parse_method
+from robustbp.cli import main
+
+
+def test_bench_prints_a_ratio_for_every_method(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    status = main(["bench", "--model", "mlp-2x256", "--image-size", "8", "--batch-size", "4",
+                   "--rounds", "2", "--warmup", "1", "--json", str(out)])
+    assert status == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        match = re.match(r"^(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", line)
+        if match:
+            rows[match.group(1)] = float(match.group(3))
+    assert set(rows) == set(DEFAULT_METHODS)
+    assert rows["standard"] == 1.0
+    assert all(ratio > 0 for ratio in rows.values())
+    assert {parse_method(spec)[0] for spec in rows} == set(methods.available())
+    saved = json.loads(out.read_text())
+    assert [t["method"] for t in saved["setups"][0]["timings"]] == list(DEFAULT_METHODS)
+
+
+def test_bench_rejects_an_unknown_method_option(capsys):
+    assert main(["bench", "--model", "mlp-2x256", "--methods", "loss-ibp:q=1", "--rounds", "1"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "no parameter 'q'" in error
+
+
+def test_parse_method():
+    assert parse_method("loss-ibp:p=2/beta=0.5/norm=sign") == ("loss-ibp", {"p": 2, "beta": 0.5, "norm": "sign"})
+    assert parse_method("standard") == ("standard", {})
