@@ -204,11 +204,13 @@ class Reference:
         return self.grad(self.main_loss() + beta * v.norm(dim=1).mean())
 
     def adversarial(self, eps, alpha, norm):
-        clean = self.main_loss()
-        g = torch.autograd.grad(self.per_sample_loss(self.logits()).sum(), self.x, retain_graph=True)[0]
+        """Through the model's own forward: nn.Dropout then draws its masks as in training."""
+        clean_losses = self.per_sample_loss(self.model(self.x))
+        g = torch.autograd.grad(clean_losses.sum(), self.x, retain_graph=True)[0]
         step = g.sign() if norm == "sign" else g
         x_adv = (self.x + eps * step).detach()
-        adversarial = self.per_sample_loss(self.logits(x_adv)).mean()
+        clean = clean_losses.mean()
+        adversarial = self.per_sample_loss(self.model(x_adv)).mean()
         return self.grad(alpha * clean + (1 - alpha) * adversarial)
 
     def linbp(self, first):
