@@ -27,6 +27,7 @@ input it saw and an autograd edge to its output, so that weight gradients can be
 """
 from __future__ import annotations
 
+import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -332,13 +333,33 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
     return make
 
 
+_faster_by_unfold: dict[tuple, bool] = {}
+
+
 def _unfold_is_faster(conv: nn.Conv2d, h: torch.Tensor) -> bool:
-    """On the CPU, oneDNN convolves a few input channels slowly (the IBP MNIST net's first layer,
-    1 channel and a 4×4 kernel: 11.7 ms against 3.6 ms for unfold + matmul at batch 128).
+    """Whether unfold + matmul beats the convolution kernel for this layer and input shape, timed
+    once per shape on the CPU (as cuDNN's benchmark mode does). oneDNN convolves few input channels
+    slowly: the IBP MNIST net's first layer (1 channel, 4×4 kernel, batch 128) took 11.7 ms
+    against 3.6 ms; LeNet's (1 channel, 5×5, 6 outputs, batch 32) is faster as a convolution.
     Used only where no weight gradient flows back: the batched matmul's backward is slow."""
-    kernel_size = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-    return h.device.type == "cpu" and conv.groups == 1 and conv.padding_mode == "zeros" and kernel_size <= 64 \
-        and not isinstance(conv.padding, str)
+    if h.device.type != "cpu" or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return False
+    key = (conv.weight.shape, conv.stride, conv.padding, conv.dilation, tuple(h.shape), h.dtype)
+    if key not in _faster_by_unfold:
+        by_kernel = _best_of(lambda: conv._conv_forward(h, conv.weight, None))
+        by_unfold = _best_of(lambda: _conv_by_unfold(conv, h))
+        _faster_by_unfold[key] = by_unfold < 0.8 * by_kernel
+    return _faster_by_unfold[key]
+
+
+def _best_of(run, repeats: int = 3) -> float:
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _conv_by_unfold(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
