@@ -154,6 +154,7 @@ def spectral_cost(model_name: str = "lenet", batch_sizes=(8, 32), image_size: in
     time (torch.autograd.functional.jacobian, as a straightforward implementation would): the
     spectral paper's Fig. 5 claim. The exact cost grows with the number of classes C (C backward
     passes), the estimate's with the number of iterations."""
+    from .evaluate.spectral import jacobian_spectral_norm, median_seconds
     from .passes import spectral_norm_estimate
 
     torch.manual_seed(seed)
@@ -162,34 +163,18 @@ def spectral_cost(model_name: str = "lenet", batch_sizes=(8, 32), image_size: in
     for batch in batch_sizes:
         x = torch.rand(batch, 1, image_size, image_size)
 
-        def exact():
-            jac = torch.func.vmap(torch.func.jacrev(lambda s: model(s.unsqueeze(0)).squeeze(0)))(x)
-            return torch.linalg.matrix_norm(jac.flatten(2), ord=2)
-
         def exact_per_sample():
-            norms = []
             for sample in x:
                 jac = torch.autograd.functional.jacobian(lambda s: model(s.unsqueeze(0)).squeeze(0), sample)
-                norms.append(torch.linalg.matrix_norm(jac.flatten(1), ord=2))
-            return torch.stack(norms)
+                torch.linalg.matrix_norm(jac.flatten(1), ord=2)
 
-        estimate_s = _median_seconds(lambda: spectral_norm_estimate(model, x, n_iter=1), repeats)
-        exact_s = _median_seconds(exact, repeats)
-        loop_s = _median_seconds(exact_per_sample, max(1, repeats // 2))
+        estimate_s = median_seconds(lambda: spectral_norm_estimate(model, x, n_iter=1), repeats)
+        exact_s = median_seconds(lambda: jacobian_spectral_norm(model, x), repeats)
+        loop_s = median_seconds(exact_per_sample, max(1, repeats // 2))
         rows.append({"batch": batch, "estimate_ms": 1e3 * estimate_s, "exact_ms": 1e3 * exact_s,
                      "exact_loop_ms": 1e3 * loop_s, "speedup": exact_s / estimate_s,
                      "speedup_over_loop": loop_s / estimate_s})
     return rows
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    values = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        values.append(time.perf_counter() - start)
-    return statistics.median(values)
 
 
 def format_table(timings: list[MethodTiming]) -> str:

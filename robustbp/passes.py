@@ -120,6 +120,17 @@ class Tape:
     piecewise_linear: bool = True  # every nonlinearity's derivative is locally constant
     fallback_modules: set = field(default_factory=set)  # module types linearized by torch.func.jvp
 
+    def reader(self) -> Callable[[nn.Module], object]:
+        """For one replay of the forward pass: module -> its next record, in call order."""
+        calls: dict = defaultdict(int)
+
+        def next_record(module: nn.Module):
+            index = calls[module]
+            calls[module] += 1
+            return self.records[module][index]
+
+        return next_record
+
 
 def _elementwise(h: torch.Tensor, batch: int, rule) -> torch.Tensor:
     """Apply rule(stacked) to h of shape (k·B, ...) viewed as (k, B, ...), so that a per-sample
@@ -230,12 +241,7 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
     When `tangent_inputs` is a list, the tangent entering each weight layer is appended to it,
     in the same order as `tape.weight_calls`.
     """
-    calls = defaultdict(int)
-
-    def next_record(module):
-        index = calls[module]
-        calls[module] += 1
-        return tape.records[module][index]
+    next_record = tape.reader()
 
     def make(module: nn.Module, original: Callable):
         batch = tape.batch_size
@@ -429,12 +435,7 @@ def _capturing_weight_forward(module: nn.Module, original: Callable, weight_call
 
 
 def _frozen_forward(tape: Tape, weight_calls: list | None):
-    calls = defaultdict(int)
-
-    def next_record(module):
-        index = calls[module]
-        calls[module] += 1
-        return tape.records[module][index]
+    next_record = tape.reader()
 
     def make(module: nn.Module, original: Callable):
         if isinstance(module, _BATCH_NORMS):

@@ -116,7 +116,8 @@ def spectral_error_curve(model: nn.Module, x: torch.Tensor, n_iters: Sequence[in
     }
 
 
-def _median_seconds(run, repeats: int) -> float:
+def median_seconds(run, repeats: int) -> float:
+    """Median wall time of `run()` over `repeats` calls, after one untimed warm-up call."""
     run()  # warm-up, not timed
     times = []
     for _ in range(repeats):
@@ -147,9 +148,9 @@ def spectral_timing(
                 model(batch)
 
         generator = torch.Generator(device=x.device).manual_seed(seed)
-        result["forward_s"].append(_median_seconds(forward, repeats))
-        result["estimate_s"].append(_median_seconds(lambda: _estimate(model, batch, n_iter, generator), repeats))
-        result["bound_s"].append(_median_seconds(lambda: spectral_norm_bound(model), repeats))
-        result["exact_s"].append(_median_seconds(lambda: jacobian_spectral_norm(model, batch), repeats))
+        result["forward_s"].append(median_seconds(forward, repeats))
+        result["estimate_s"].append(median_seconds(lambda: _estimate(model, batch, n_iter, generator), repeats))
+        result["bound_s"].append(median_seconds(lambda: spectral_norm_bound(model), repeats))
+        result["exact_s"].append(median_seconds(lambda: jacobian_spectral_norm(model, batch), repeats))
     result.update({"n_iter": n_iter, "repeats": repeats})
     return result
