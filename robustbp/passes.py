@@ -27,7 +27,6 @@ input it saw and an autograd edge to its output, so that weight gradients can be
 """
 from __future__ import annotations
 
-import time
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -253,8 +252,6 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
                     tangent_inputs.append(h)
                 if isinstance(module, nn.Linear):
                     return F.linear(h, module.weight)
-                if not (torch.is_grad_enabled() and module.weight.requires_grad) and _unfold_is_faster(module, h):
-                    return _conv_by_unfold(module, h)
                 return module._conv_forward(h, module.weight, None)
 
             return linear_rule
@@ -337,48 +334,6 @@ def _linearized_forward(tape: Tape, tangent_inputs: list | None):
         return jvp_rule
 
     return make
-
-
-_faster_by_unfold: dict[tuple, bool] = {}
-
-
-def _unfold_is_faster(conv: nn.Conv2d, h: torch.Tensor) -> bool:
-    """Whether unfold + matmul clearly beats the convolution kernel for this layer and input shape,
-    timed once per shape and process on the CPU (as cuDNN's benchmark mode does). oneDNN has
-    pathological shapes: the IBP MNIST net's first layer (1 → 32 channels, 4×4, batch 128, 28×28)
-    takes 8.8 ms, against 0.38 ms at batch 32 and 4.8 ms as unfold + matmul, while 3×3 and 5×5
-    kernels of the same layer take 1.0–1.5 ms. Only a 1.5× margin switches, so that the choice
-    (which moves the last bits of the penalty gradient) does not flip between processes.
-    Used only where no weight gradient flows back: the batched matmul's backward is slow."""
-    if h.device.type != "cpu" or conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return False
-    key = (conv.weight.shape, conv.stride, conv.padding, conv.dilation, tuple(h.shape), h.dtype)
-    if key not in _faster_by_unfold:
-        by_kernel = _best_of(lambda: conv._conv_forward(h, conv.weight, None))
-        by_unfold = _best_of(lambda: _conv_by_unfold(conv, h))
-        _faster_by_unfold[key] = 1.5 * by_unfold < by_kernel
-    return _faster_by_unfold[key]
-
-
-def _best_of(run, repeats: int = 3) -> float:
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _conv_by_unfold(conv: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-    """conv2d(h, W) without bias as one matrix product with the unfolded input."""
-    columns = F.unfold(h, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (N, C_in·k·k, L)
-    height, width = (
-        (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-        for size, pad, dil, k, stride in zip(h.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)
-    )
-    out = conv.weight.reshape(conv.out_channels, -1) @ columns
-    return out.view(h.shape[0], conv.out_channels, height, width)
 
 
 @dataclass
