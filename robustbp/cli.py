@@ -460,6 +460,9 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]); return the exit status."""
     try:
+        from robustbp.runtime import keep_freed_memory
+
+        keep_freed_memory()
         parser = build_parser()
         args = parser.parse_args(argv)
         if getattr(args, "run", None) is None:
