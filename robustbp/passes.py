@@ -461,6 +461,13 @@ def weight_gradient(call: WeightCall, inputs: torch.Tensor, output_grad: torch.T
     return (output_grad * inputs).sum(dim=dims)
 
 
+def bias_gradient(call: WeightCall, output_grad: torch.Tensor) -> torch.Tensor:
+    """∂/∂b of Σ ⟨output_grad, y⟩ for y = W ⋆ x + b: output_grad summed over all but the channel axis."""
+    if isinstance(call.module, nn.Linear):
+        return output_grad.reshape(-1, output_grad.shape[-1]).sum(0)
+    return output_grad.sum(dim=[0] + list(range(2, output_grad.dim())))
+
+
 class _ReLUIdentityBackward(torch.autograd.Function):
     """relu(x) forward, derivative 1 backward (LinBP)."""
 
