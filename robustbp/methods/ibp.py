@@ -67,8 +67,7 @@ def invariant_backward(
         for call, output_grad in zip(calls, grads[1:1 + len(calls)]):
             bias = call.module.bias
             if bias is not None and id(bias) in captured_biases:
-                grad = bias_gradient(call, output_grad)
-                bias_grads[id(bias)] = bias_grads[id(bias)] + grad if id(bias) in bias_grads else grad
+                bias_grads[id(bias)] = bias_grads.get(id(bias), 0) + bias_gradient(call, output_grad)
         for key, grad in bias_grads.items():
             accumulate_grad(captured_biases[key], grad)
         fused = True
@@ -83,9 +82,8 @@ def invariant_backward(
         weight_grads: dict[int, torch.Tensor] = {}
         for call, output_grad, tangent in zip(calls, grads[1:1 + len(calls)], tangents):
             inputs = call.input.detach() + tangent if fused else tangent
-            grad = weight_gradient(call, inputs, output_grad)
             key = id(call.module.weight)
-            weight_grads[key] = weight_grads[key] + grad if key in weight_grads else grad
+            weight_grads[key] = weight_grads.get(key, 0) + weight_gradient(call, inputs, output_grad)
     for param in params:
         accumulate_grad(param, weight_grads.get(id(param)))
     return main_loss.item(), reg_loss.item()
