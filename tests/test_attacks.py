@@ -23,6 +23,8 @@ from robustbp.attacks import (
 )
 from robustbp.attacks._common import MissingDependency
 
+from .helpers import one_thread, synthetic_data, trained  # noqa: F401 (one_thread: autouse fixture)
+
 try:
     from robustbp.passes import linbp_backward  # noqa: F401
 
@@ -35,32 +37,6 @@ needs_art = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def synthetic_data(n: int = 300, seed: int = 0, classes: int = 3):
-    """Images (n, 1, 8, 8) in [0, 1] labelled by a random linear rule."""
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 8, 8, generator=generator)
-    w = torch.randn(classes, 64, generator=generator)
-    return x, ((x.flatten(1) - 0.5) @ w.T).argmax(dim=1)
-
-
-def trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 200) -> nn.Module:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval()
-
-
 def relu_mlp(seed: int = 0, classes: int = 3) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
@@ -70,7 +46,7 @@ def relu_mlp(seed: int = 0, classes: int = 3) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def data():
-    return synthetic_data()
+    return synthetic_data(300)
 
 
 @pytest.fixture(scope="module")

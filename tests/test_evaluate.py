@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robustbp.attacks import art_available
@@ -30,6 +29,8 @@ from robustbp.evaluate import (
 from robustbp.evaluate.report import write_atomic
 from robustbp.layers import Normalize
 
+from .helpers import one_thread, synthetic_data, trained  # noqa: F401 (one_thread: autouse fixture)
+
 try:
     from robustbp.passes import linbp_backward, spectral_norm_estimate  # noqa: F401
 
@@ -41,30 +42,6 @@ needs_passes = pytest.mark.skipif(not HAS_PASSES, reason="robustbp.passes (linbp
 needs_art = pytest.mark.skipif(
     not art_available(), reason="ART (adversarial-robustness-toolbox) is not importable; install robustbp[attacks]"
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def synthetic_data(n: int = 120, seed: int = 0, classes: int = 3):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 8, 8, generator=generator)
-    w = torch.randn(classes, 64, generator=generator)
-    return x, ((x.flatten(1) - 0.5) @ w.T).argmax(dim=1)
-
-
-def trained(model: nn.Module, x, y, steps: int = 200) -> nn.Module:
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval()
 
 
 class Quantize(nn.Module):
@@ -86,7 +63,7 @@ def mlp(seed: int, masked: bool = False) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def data():
-    return synthetic_data()
+    return synthetic_data(120)
 
 
 @pytest.fixture(scope="module")
