@@ -26,6 +26,13 @@ def one_thread():
         yield
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_module():
+    """One thread for a whole module: fast and deterministic on a shared machine."""
+    with single_thread():
+        yield
+
+
 def synthetic_data(n: int, seed: int = 0, classes: int = 3):
     """Images (n, 1, 8, 8) in [0, 1] labelled by a random linear rule."""
     generator = torch.Generator().manual_seed(seed)

@@ -12,13 +12,7 @@ import torch
 from robustbp import cli, data, methods, models
 from robustbp.train import read_history
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .helpers import one_thread_per_module  # noqa: F401 (autouse fixture)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

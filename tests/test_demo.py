@@ -4,17 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from robustbp import cli, demo, methods
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .helpers import one_thread_per_module  # noqa: F401 (autouse fixture)
 
 
 def test_demo_methods_are_registered_with_the_papers_settings():

@@ -24,14 +24,7 @@ from robustbp.train import (
 from robustbp.training import runs
 from robustbp.training.loop import CleanBatchAccuracy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Fast and deterministic on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .helpers import one_thread_per_module  # noqa: F401 (autouse fixture)
 
 
 def tiny(**changes) -> TrainConfig:
