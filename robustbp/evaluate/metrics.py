@@ -49,6 +49,15 @@ def gaussian_noise(x: torch.Tensor, sigma: float, generator: torch.Generator | N
     return (x + sigma * noise).clamp(0.0, 1.0)
 
 
+def _accuracy_rows(accuracies: list[float], clean: float) -> dict:
+    """A curve's "accuracy", "error" (1 - accuracy) and "drop" (clean accuracy - accuracy) lists."""
+    return {
+        "accuracy": accuracies,
+        "error": [1.0 - a for a in accuracies],
+        "drop": [clean - a for a in accuracies],
+    }
+
+
 def noise_curve(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmas: Sequence[float], seed: int = 0
 ) -> dict:
@@ -68,13 +77,7 @@ def noise_curve(
     for sigma in sigmas:
         noisy = gaussian_noise(x, sigma, torch.Generator(device=x.device).manual_seed(seed)) if sigma > 0 else x
         accuracies.append(float((predict(model, noisy) == y).float().mean()))
-    return {
-        "sigma": sigmas,
-        "accuracy": accuracies,
-        "error": [1.0 - a for a in accuracies],
-        "drop": [clean - a for a in accuracies],
-        "clean_accuracy": clean,
-    }
+    return {"sigma": sigmas, **_accuracy_rows(accuracies, clean), "clean_accuracy": clean}
 
 
 def batched_attack(
@@ -110,11 +113,5 @@ def gradient_noise_curve(
         x_adv = batched_attack(lambda xb, yb: gradient_noise(model, xb, yb, eps, direction, gradient, first), x, y)
         accuracies.append(float((predict(model, x_adv) == y).float().mean()))
         success.append(attack_success_rate(model, x, x_adv, y))
-    return {
-        "eps": eps_values,
-        "accuracy": accuracies,
-        "error": [1.0 - a for a in accuracies],
-        "drop": [clean - a for a in accuracies],
-        "attack_success_rate": success,
-        "clean_accuracy": clean,
-    }
+    return {"eps": eps_values, **_accuracy_rows(accuracies, clean), "attack_success_rate": success,
+            "clean_accuracy": clean}
