@@ -58,6 +58,13 @@ def check_nonnegative(value: float, name: str) -> float:
     return number
 
 
+def check_attack_inputs(x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
+    """An attack's images x in [0, 1], labels y for them and budget eps >= 0; returns eps as a float."""
+    check_images(x, "x")
+    check_labels(y, x, "y")
+    return check_nonnegative(eps, "eps")
+
+
 def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
     """A count such as steps, restarts or `first`: an int >= minimum."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from robustbp.attacks._common import (
+    check_attack_inputs,
     check_choice,
     check_gradient,
-    check_images,
-    check_labels,
     check_nonnegative,
     check_positive_int,
     MissingDependency,
@@ -126,12 +125,6 @@ def _run(attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(x_adv, dtype=np.float32)).to(device=x.device, dtype=x.dtype).clamp(0.0, 1.0)
 
 
-def _check(x, y, eps) -> float:
-    check_images(x, "x")
-    check_labels(y, x, "y")
-    return check_nonnegative(eps, "eps")
-
-
 def art_pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -149,7 +142,7 @@ def art_pgd(
 
     restarts=r with random_start maps to num_random_init=r; random_start=False to num_random_init=0.
     """
-    eps = _check(x, y, eps)
+    eps = check_attack_inputs(x, y, eps)
     step = check_nonnegative(step, "step")
     check_positive_int(steps, "steps")
     check_positive_int(restarts, "restarts")
@@ -190,7 +183,7 @@ def apgd(
     step size is 2ε as in the paper. gradient="linbp" makes ART's loss gradients LinBP gradients
     from the `first`-th ReLU on. x (B, ...) in [0, 1], y (B,) -> adversarial images (B, ...).
     """
-    eps = _check(x, y, eps)
+    eps = check_attack_inputs(x, y, eps)
     check_positive_int(steps, "steps")
     check_positive_int(restarts, "restarts")
     check_choice(loss, "loss", ("ce", "dlr"))
@@ -232,7 +225,7 @@ def square(
     `queries` is ART's max_iter (one model query per point and iteration); p_init=0.8 is the
     torchattacks default the spectral paper used. x (B, C, H, W) in [0, 1] -> (B, C, H, W).
     """
-    eps = _check(x, y, eps)
+    eps = check_attack_inputs(x, y, eps)
     check_positive_int(queries, "queries")
     check_positive_int(restarts, "restarts")
     if x.dim() != 4:
@@ -275,7 +268,7 @@ def autoattack(
     package `multiprocess` (not an ART dependency) and adds DeepFool. Slow at the defaults:
     meant for final numbers, not for the quick suites.
     """
-    eps = _check(x, y, eps)
+    eps = check_attack_inputs(x, y, eps)
     check_choice(norm, "norm", ("linf", "l2"))
     check_positive_int(steps, "steps")
     check_positive_int(restarts, "restarts")

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from robustbp.attacks._common import (
+    check_attack_inputs,
     check_choice,
     check_gradient,
     check_images,
-    check_labels,
     check_nonnegative,
     check_positive_int,
 )
@@ -42,9 +42,7 @@ def gradient_noise(
     direction="gradient": x̃ = clip(x + ε·∇ₓL, 0, 1)         (the "L2" variant, unnormalized)
     with L = Σᵢ CE(f(xᵢ), yᵢ), so each point moves along its own loss gradient.
     """
-    check_images(x, "x")
-    check_labels(y, x, "y")
-    eps = check_nonnegative(eps, "eps")
+    eps = check_attack_inputs(x, y, eps)
     check_choice(direction, "direction", DIRECTIONS)
     check_gradient(gradient, first)
     grad = loss_and_gradient(model, x, y, "ce", gradient, first)[1]
@@ -89,9 +87,7 @@ def pgd(
     gradient vanishes at δ = 0). gradient="linbp" uses LinBP gradients from the `first`-th ReLU.
     Shapes: x (B, ...), y (B,) -> (B, ...). Defaults: one restart, random start, BP.
     """
-    check_images(x, "x")
-    check_labels(y, x, "y")
-    eps = check_nonnegative(eps, "eps")
+    eps = check_attack_inputs(x, y, eps)
     step = check_nonnegative(step, "step")
     check_positive_int(steps, "steps", minimum=0)
     check_choice(norm, "norm", NORMS)
