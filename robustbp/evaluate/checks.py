@@ -6,7 +6,8 @@ A model can look robust because the attacks failed, not because it is. Three sig
    attack of the same kind must succeed at least as often: if the ASR *falls* as the budget
    grows (by more than the tolerance), the attack is unreliable. On curves that span a wide
    range of strength — FGSM from ε = 0 to 32/255, PGD/TPGD from 1 step (one step of 2/255) to
-   20 (reaching 32/255), Square from 10 to 1000 queries — the ASR must also *rise*: staying
+   20 (reaching 32/255), Square over at least two orders of magnitude of queries (10 to 1000;
+   not quick mode's 20 to 100) — the ASR must also *rise*: staying
    flat below 100 % there suggests uninformative gradients (masked, shattered, saturated).
    The LinBP and APGD tables (ε 8/255 and 16/255, 10 to 100 steps) get only the "falls" check,
    since a model can be truly robust at those budgets (MNIST models often are).
