@@ -357,14 +357,18 @@ class Linearization:
         with patched_forwards(model, _record_forward(tape, capture_weights)):
             logits = model(x)
         lin = cls(model, x, logits, tape)
-        _check_linear_once(lin)
         return lin
 
     def jvp(self, h: torch.Tensor, tangent_inputs: list | None = None) -> torch.Tensor:
         """J·h through the linearized network. h may stack k tangents per sample: shape (k·B, ...),
-        sample i of tangent t at row t·B + i. Differentiable with respect to the weights."""
+        sample i of tangent t at row t·B + i. Differentiable with respect to the weights.
+        The first replay of a model checks that the replay is linear (`NotLinearizable`)."""
         if h.shape[0] % self.tape.batch_size:
             raise ValueError(f"tangent batch {h.shape[0]} is not a multiple of the recorded batch {self.tape.batch_size}")
+        _check_linear_once(self)
+        return self._replay(h, tangent_inputs)
+
+    def _replay(self, h: torch.Tensor, tangent_inputs: list | None = None) -> torch.Tensor:
         with patched_forwards(self.model, _linearized_forward(self.tape, tangent_inputs)):
             return self.model(h)
 
@@ -438,7 +442,7 @@ def _check_linear_once(lin: Linearization) -> None:
         generator = torch.Generator(device="cpu").manual_seed(0)
         a = torch.randn(lin.x.shape, generator=generator, dtype=lin.x.dtype).to(lin.x.device)
         b = torch.randn(lin.x.shape, generator=generator, dtype=lin.x.dtype).to(lin.x.device)
-        together, apart = lin.jvp(a + b), lin.jvp(a) + lin.jvp(b)
+        together, apart = lin._replay(a + b), lin._replay(a) + lin._replay(b)
     tolerance = 1e-3 if lin.x.dtype != torch.float64 else 1e-8
     if not torch.allclose(together, apart, rtol=tolerance, atol=tolerance * float(apart.abs().max() + 1e-12)):
         raise NotLinearizable(

@@ -362,3 +362,29 @@ def test_gradient_matches_reference_in_eval_mode(case, architecture):
     model, x, y = build(architecture, train=False)
     got, _ = method_grads(model, _method(spec), x, y)
     assert relative_error(got, reference(reference_for(model, x, y))) <= TOLERANCE
+
+
+def test_methods_without_a_linearized_pass_accept_functional_nonlinearities():
+    """double-backprop and jacobian-frobenius need no linearized replay, so a forward that calls
+    torch.relu directly is fine for them; the check fires only where the replay is used."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(16, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(x.flatten(1))))
+
+    torch.manual_seed(0)
+    model = Functional().double()
+    x = torch.rand(5, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,))
+    got, _ = method_grads(model, methods.get("double-backprop", beta=0.5, p=2), x, y)
+    reference = reference_for(model, x, y)
+    losses = reference.per_sample_loss(reference.model(reference.x))
+    g = torch.autograd.grad(losses.sum(), reference.x, create_graph=True)[0]
+    want = reference.grad(losses.mean() + 0.5 * (g.flatten(1) ** 2).sum(1).mean() / 2)
+    assert relative_error(got, want) <= TOLERANCE
+    with pytest.raises(NotLinearizable):
+        methods.get("loss-ibp").backward(model, x, y)
