@@ -432,3 +432,18 @@ def test_loss_ibp_on_a_torchvision_style_block():
     objective = nn.functional.cross_entropy(logits, y) + 0.5 * (g.flatten(1) ** 2).sum(1).mean() / 2
     want = list(torch.autograd.grad(objective, list(reference.parameters())))
     assert relative_error(got, want) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_gradients_reach_grad_through_autograd(name):
+    """Every change to .grad goes through autograd's accumulation, so post-accumulate hooks
+    (which DistributedDataParallel's all-reduce uses) see the final gradient of every parameter."""
+    model, x, y = build("cnn", train=False)
+    last_seen = {}
+    for index, param in enumerate(model.parameters()):
+        param.register_post_accumulate_grad_hook(lambda p, index=index: last_seen.__setitem__(index, p.grad.clone()))
+    torch.manual_seed(3)
+    methods.get(name).backward(model, x, y)
+    params = list(model.parameters())
+    assert sorted(last_seen) == list(range(len(params)))
+    assert all(torch.equal(last_seen[i], p.grad) for i, p in enumerate(params))

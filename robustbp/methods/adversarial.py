@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, accumulate_grad, check_nonnegative, register
+from .base import Method, accumulate_grads, check_nonnegative, register
 
 
 @register("adversarial")
@@ -43,8 +43,8 @@ class Adversarial(Method):
         weight_of_clean = self.alpha if self.variant == "original" else 0.0
         if weight_of_clean > 0:
             grads = torch.autograd.grad(clean_loss, [x] + params, allow_unused=True)
-            for param, grad in zip(params, grads[1:]):
-                accumulate_grad(param, None if grad is None else weight_of_clean * grad)
+            accumulate_grads((param, None if grad is None else weight_of_clean * grad)
+                             for param, grad in zip(params, grads[1:]))
             input_grad = grads[0]
         else:
             (input_grad,) = torch.autograd.grad(clean_loss, x)

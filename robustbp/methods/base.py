@@ -105,14 +105,14 @@ def check_nonnegative(name: str, **values: float) -> None:
             raise ValueError(f"{name}: {key} must be a non-negative number, got {value}")
 
 
-def accumulate_grad(param: torch.Tensor, grad: torch.Tensor | None) -> None:
-    """param.grad += grad, as autograd's AccumulateGrad does."""
-    if grad is None:
-        return
-    if param.grad is None:
-        param.grad = grad.detach().clone()
-    else:
-        param.grad.add_(grad.detach())
+def accumulate_grads(pairs) -> None:
+    """param.grad += grad for each (param, grad) pair, through autograd's AccumulateGrad, so that
+    gradient hooks (DistributedDataParallel's all-reduce, a user's clipping hook) see these
+    gradients as they see those of loss.backward(). A grad of None is skipped."""
+    pairs = [(param, grad.detach()) for param, grad in pairs if grad is not None]
+    if pairs:
+        params, grads = zip(*pairs)
+        torch.autograd.backward(params, grads)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..passes import Linearization, bias_gradient, weight_gradient
-from .base import Method, accumulate_grad, check_nonnegative, register
+from .base import Method, accumulate_grads, check_nonnegative, register
 
 
 def invariant_backward(
@@ -49,6 +49,7 @@ def invariant_backward(
 
     if lin.tape.batch_coupled:
         torch.autograd.backward(main_loss, inputs=params)
+        computed = []
         calls: list = []
         penalty_loss = method.per_sample_loss(lin.frozen_logits(x, weight_calls=calls), y).mean()
         grads = torch.autograd.grad(
@@ -61,15 +62,13 @@ def invariant_backward(
         grads = torch.autograd.grad(
             main_loss, [x] + [c.output_edge for c in calls] + others, allow_unused=True, materialize_grads=True
         )
-        for param, grad in zip(others, grads[1 + len(calls):]):
-            accumulate_grad(param, grad)
+        computed = list(zip(others, grads[1 + len(calls):]))
         bias_grads: dict[int, torch.Tensor] = {}
         for call, output_grad in zip(calls, grads[1:1 + len(calls)]):
             bias = call.module.bias
             if bias is not None and id(bias) in captured_biases:
                 bias_grads[id(bias)] = bias_grads.get(id(bias), 0) + bias_gradient(call, output_grad)
-        for key, grad in bias_grads.items():
-            accumulate_grad(captured_biases[key], grad)
+        computed += [(captured_biases[key], grad) for key, grad in bias_grads.items()]
         fused = True
 
     input_grad = (grads[0] * batch).detach().requires_grad_(True)
@@ -84,8 +83,7 @@ def invariant_backward(
             inputs = call.input.detach() + tangent if fused else tangent
             key = id(call.module.weight)
             weight_grads[key] = weight_grads.get(key, 0) + weight_gradient(call, inputs, output_grad)
-    for param in params:
-        accumulate_grad(param, weight_grads.get(id(param)))
+    accumulate_grads(computed + [(param, weight_grads.get(id(param))) for param in params])
     return main_loss.item(), reg_loss.item()
 
 
@@ -177,8 +175,7 @@ def main_backward_and_input_grad(method, lin, x, y, params) -> tuple[torch.Tenso
         (input_grad,) = torch.autograd.grad(penalty_losses.sum(), x, retain_graph=True)
         return main_loss, input_grad
     grads = torch.autograd.grad(main_loss, [x] + params, retain_graph=True, allow_unused=True)
-    for param, grad in zip(params, grads[1:]):
-        accumulate_grad(param, grad)
+    accumulate_grads(zip(params, grads[1:]))
     return main_loss, grads[0] * x.shape[0]
 
 
