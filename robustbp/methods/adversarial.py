@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, accumulate_grads, check_nonnegative, register
+from .base import Method, accumulate_grads, check_nonnegative, parameter_grads, register
 
 
 @register("adversarial")
@@ -41,10 +41,11 @@ class Adversarial(Method):
         x = x.detach().requires_grad_(True)
         clean_loss = self.per_sample_loss(model(x), y).mean()
         weight_of_clean = self.alpha if self.variant == "original" else 0.0
+        clean_grads: list = []
         if weight_of_clean > 0:
             grads = torch.autograd.grad(clean_loss, [x] + params, allow_unused=True)
-            accumulate_grads((param, None if grad is None else weight_of_clean * grad)
-                             for param, grad in zip(params, grads[1:]))
+            clean_grads = [(param, None if grad is None else weight_of_clean * grad)
+                           for param, grad in zip(params, grads[1:])]
             input_grad = grads[0]
         else:
             (input_grad,) = torch.autograd.grad(clean_loss, x)
@@ -54,7 +55,8 @@ class Adversarial(Method):
             adversarial_x = adversarial_x.clamp(*self.clip)
         adversarial_loss = self.per_sample_loss(model(adversarial_x), y).mean()
         objective = weight_of_clean * clean_loss.detach() + (1 - weight_of_clean) * adversarial_loss
-        torch.autograd.backward((1 - weight_of_clean) * adversarial_loss, inputs=params)
+        adversarial_grads = parameter_grads((1 - weight_of_clean) * adversarial_loss, params)
+        accumulate_grads(clean_grads + list(zip(params, adversarial_grads)))
         return clean_loss.item(), objective.item() - clean_loss.item()
 
 

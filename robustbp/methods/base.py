@@ -105,13 +105,26 @@ def check_nonnegative(name: str, **values: float) -> None:
             raise ValueError(f"{name}: {key} must be a non-negative number, got {value}")
 
 
+def parameter_grads(objective: torch.Tensor, params: list, retain_graph: bool = False) -> list:
+    """∂objective/∂θ for each parameter (None where it does not depend on it), without touching .grad."""
+    return list(torch.autograd.grad(objective, params, retain_graph=retain_graph, allow_unused=True))
+
+
 def accumulate_grads(pairs) -> None:
     """param.grad += grad for each (param, grad) pair, through autograd's AccumulateGrad, so that
     gradient hooks (DistributedDataParallel's all-reduce, a user's clipping hook) see these
-    gradients as they see those of loss.backward(). A grad of None is skipped."""
-    pairs = [(param, grad.detach()) for param, grad in pairs if grad is not None]
-    if pairs:
-        params, grads = zip(*pairs)
+    gradients as they see those of loss.backward(). A grad of None is skipped.
+    One call per training step: DistributedDataParallel reduces each parameter once per backward.
+    Pairs of the same parameter are summed first."""
+    totals: dict[int, list] = {}
+    for param, grad in pairs:
+        if grad is not None:
+            if id(param) in totals:
+                totals[id(param)][1] = totals[id(param)][1] + grad.detach()
+            else:
+                totals[id(param)] = [param, grad.detach()]
+    if totals:
+        params, grads = zip(*totals.values())
         torch.autograd.backward(params, grads)
 
 

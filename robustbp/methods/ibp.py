@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..passes import Linearization, bias_gradient, weight_gradient
-from .base import Method, accumulate_grads, check_nonnegative, register
+from .base import Method, accumulate_grads, check_nonnegative, parameter_grads, register
 
 
 def invariant_backward(
@@ -48,8 +48,7 @@ def invariant_backward(
     }
 
     if lin.tape.batch_coupled:
-        torch.autograd.backward(main_loss, inputs=params)
-        computed = []
+        computed = list(zip(params, parameter_grads(main_loss, params)))
         calls: list = []
         penalty_loss = method.per_sample_loss(lin.frozen_logits(x, weight_calls=calls), y).mean()
         grads = torch.autograd.grad(
@@ -165,18 +164,17 @@ def jacobian_vector_product(lin: Linearization, penalty_logits: torch.Tensor, x:
     return torch.cat(products)
 
 
-def main_backward_and_input_grad(method, lin, x, y, params) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backpropagate L into the parameters and return (L, per-sample g) with the penalty's
-    convention (batch statistics held constant); the recorded graph is kept for the penalty."""
+def main_grads_and_input_grad(method, lin, x, y, params) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """(L, ∂L/∂θ as (param, grad) pairs, per-sample g) with the penalty's convention for g (batch
+    statistics held constant), in one backward pass where possible; the recorded graph is kept."""
     main_loss = method.per_sample_loss(lin.logits, y).mean()
     if lin.tape.batch_coupled:
-        torch.autograd.backward(main_loss, inputs=params, retain_graph=True)
+        main_grads = parameter_grads(main_loss, params, retain_graph=True)
         penalty_losses = method.per_sample_loss(lin.frozen_logits(x), y)
         (input_grad,) = torch.autograd.grad(penalty_losses.sum(), x, retain_graph=True)
-        return main_loss, input_grad
+        return main_loss, list(zip(params, main_grads)), input_grad
     grads = torch.autograd.grad(main_loss, [x] + params, retain_graph=True, allow_unused=True)
-    accumulate_grads(zip(params, grads[1:]))
-    return main_loss, grads[0] * x.shape[0]
+    return main_loss, list(zip(params, grads[1:])), grads[0] * x.shape[0]
 
 
 @register("prediction-ibp")
@@ -195,16 +193,9 @@ class PredictionIBP(Method):
     def _backward(self, model, x, y, params):
         x = x.detach().requires_grad_(True)
         lin = Linearization.record(model, x)
-        main_loss, input_grad = main_backward_and_input_grad(self, lin, x, y, params)
+        main_loss, main_grads, input_grad = main_grads_and_input_grad(self, lin, x, y, params)
         direction = input_grad.sign() if self.direction == "sign" else input_grad
         jv = jacobian_vector_product(lin, lin.frozen_logits(x), x, direction.detach())
         reg_loss = self.beta * 0.5 * jv.pow(2).flatten(1).sum(1).mean()
-        torch.autograd.backward(reg_loss, inputs=params)
+        accumulate_grads(main_grads + list(zip(params, parameter_grads(reg_loss, params))))
         return main_loss.item(), reg_loss.item()
-
-
-def main_backward(method, lin, y, params) -> torch.Tensor:
-    """Backpropagate L into the parameters, keeping the recorded graph for a penalty."""
-    main_loss = method.per_sample_loss(lin.logits, y).mean()
-    torch.autograd.backward(main_loss, inputs=params, retain_graph=True)
-    return main_loss

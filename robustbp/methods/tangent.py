@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..passes import Linearization
-from .base import Method, check_nonnegative, register
-from .ibp import invariant_backward, jacobian_vector_product, main_backward
+from .base import Method, accumulate_grads, check_nonnegative, parameter_grads, register
+from .ibp import invariant_backward, jacobian_vector_product
 
 TangentFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -87,11 +87,12 @@ class TangentProp(TangentMethod):
         tangents = self.tangent_vectors(x)
         x = x.detach().requires_grad_(True)
         lin = Linearization.record(model, x)
-        main_loss = main_backward(self, lin, y, params)
+        main_loss = self.per_sample_loss(lin.logits, y).mean()
+        main_grads = parameter_grads(main_loss, params, retain_graph=True)
         stacked = tangents.transpose(0, 1).reshape(-1, *x.shape[1:])
         jt = jacobian_vector_product(lin, lin.frozen_logits(x), x, stacked)
         reg_loss = self.beta * 0.5 * jt.pow(2).sum() / x.shape[0]
-        torch.autograd.backward(reg_loss, inputs=params)
+        accumulate_grads(list(zip(params, main_grads)) + list(zip(params, parameter_grads(reg_loss, params))))
         return main_loss.item(), reg_loss.item()
 
 
