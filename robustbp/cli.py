@@ -243,6 +243,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N test images only")
     parser.add_argument("--seed", type=int, default=0, help="seed of noise and random starts; default 0")
     parser.add_argument("--quick", action="store_true", help="fewer points and iterations (a smoke test)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                        help="change one budget of the suites, e.g. --set noise_sigmas=0,0.1,0.3 --set pgd_restarts=5 "
+                             "(names: the fields of robustbp.evaluate.SuiteSettings); repeatable")
     parser.add_argument("--device", default="cpu", help="torch device; default cpu")
 
 
@@ -272,15 +275,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
     if not suites:
         raise UsageError("--suite names no suite")
+    others = [s for s in suites if s != "accuracy"]
+    settings = None
+    if others:  # check every name and budget before anything is written
+        try:
+            from robustbp import evaluate
+        except ImportError as error:
+            raise UsageError(f"suites {', '.join(others)} need robustbp.evaluate, which cannot be imported ({error})") from None
+        unknown = [s for s in others if s not in evaluate.SUITES]
+        if unknown:
+            raise UsageError(f"unknown suite {', '.join(unknown)}; available: accuracy, {', '.join(s for s in evaluate.SUITES if s != 'accuracy')}")
+        if args.settings:
+            try:
+                settings = evaluate.override_settings(evaluate.QUICK if args.quick else evaluate.FULL, args.settings)
+            except ValueError as error:
+                raise UsageError(str(error)) from None
+    elif args.settings:
+        raise UsageError("--set changes the budgets of evaluation suites; --suite names none besides accuracy")
     first = Path(args.checkpoint)
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     setup = {"runs": {name: str(p) for name, p in zip(models, paths)}, "dataset": config.dataset,
-             "images": len(labels), "suites": suites, "seed": args.seed, "quick": args.quick,
+             "images": len(labels), "suites": suites, "seed": args.seed, "quick": args.quick, "set": args.settings,
              "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv else PROG}
     (out / "evaluate-config.json").write_text(json.dumps(setup, indent=2) + "\n")
 
-    others = [s for s in suites if s != "accuracy"]
     if "accuracy" in suites:
         errors = {name: error_rate(model, images, labels) for name, model in models.items()}
         width = max(len(n) for n in errors)
@@ -289,14 +308,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {value:14.2f}")
         (out / "accuracy.json").write_text(json.dumps({"images": len(labels), "error": errors}, indent=2) + "\n")
     if others:
-        try:
-            from robustbp import evaluate
-        except ImportError as error:
-            raise UsageError(f"suites {', '.join(others)} need robustbp.evaluate, which cannot be imported ({error})") from None
-        unknown = [s for s in others if s not in evaluate.SUITES]
-        if unknown:
-            raise UsageError(f"unknown suite {', '.join(unknown)}; available: accuracy, {', '.join(s for s in evaluate.SUITES if s != 'accuracy')}")
-        evaluate.evaluate_runs(models, images, labels, others, out, seed=args.seed, quick=args.quick)
+        evaluate.evaluate_runs(models, images, labels, others, out, seed=args.seed, quick=args.quick, settings=settings)
     print(f"results in {out}")
     return 0
 

@@ -128,17 +128,22 @@ def test_train_then_evaluate(capsys, tmp_path):
 
 
 def test_evaluate_with_the_evaluation_suites(capsys, tmp_path):
-    evaluate = pytest.importorskip("robustbp.evaluate")
-    if not hasattr(evaluate, "evaluate_runs") or "noise" not in getattr(evaluate, "SUITES", ()):
-        pytest.skip("the evaluation package has no evaluate_runs / noise suite yet")
     run_dir = tmp_path / "std"
     assert run(capsys, "train", *TINY, "--out", str(run_dir))[0] == 0
     code, _, err = run(capsys, "evaluate", "--checkpoint", str(run_dir), "--suite", "accuracy,noise",
-                       "--limit", "50", "--quick", "--out", str(tmp_path / "eval"))
+                       "--limit", "50", "--quick", "--set", "noise_sigmas=0,0.25", "--out", str(tmp_path / "eval"))
     assert code == 0, err
-    assert (tmp_path / "eval" / "noise.json").is_file()
-    code, _, err = run(capsys, "evaluate", "--checkpoint", str(run_dir), "--suite", "no-such-suite")
-    assert code != 0 and "unknown suite" in err and len(err.strip().splitlines()) == 1
+    noise = json.loads((tmp_path / "eval" / "noise.json").read_text())
+    assert noise["settings"]["sigma"] == [0.0, 0.25] and noise["n_points"] == 50
+    for argv, message in [
+        (("--suite", "no-such-suite"), "unknown suite"),
+        (("--suite", "noise", "--set", "noise_sigmas=0,-0.1"), "finite and non-negative, got -0.1"),
+        (("--suite", "noise", "--set", "no_such_budget=1"), "expected NAME=VALUE"),
+        (("--suite", "pgd", "--set", "pgd_restarts=1.5"), "not a whole number"),
+    ]:
+        code, _, err = run(capsys, "evaluate", "--checkpoint", str(run_dir), *argv, "--out", str(tmp_path / "bad"))
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "bad").exists()  # nothing written
 
 
 def test_resume_from_the_command_line(capsys, tmp_path):

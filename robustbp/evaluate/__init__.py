@@ -20,13 +20,14 @@ from robustbp.evaluate.spectral import (
     spectral_norm_bound,
     spectral_timing,
 )
-from robustbp.evaluate.suites import FULL, QUICK, SUITES, SuiteSettings, evaluate_runs
+from robustbp.evaluate.suites import FULL, QUICK, SUITES, SuiteSettings, evaluate_runs, override_settings
 
 __all__ = [
     "FULL",
     "QUICK",
     "SUITES",
     "SuiteSettings",
+    "override_settings",
     "accuracy",
     "attack_success_rate",
     "boundary_distance",

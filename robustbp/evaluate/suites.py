@@ -92,6 +92,46 @@ class SuiteSettings:
     spectral_repeats: int = 3
 
 
+OPTIONAL_COUNTS = ("max_points", "boundary_points")  # None means "all"
+
+
+def override_settings(base: SuiteSettings, assignments: Sequence[str]) -> SuiteSettings:
+    """`base` with fields replaced from "name=value" strings, as `robustbp evaluate --set` gives
+    them: a tuple field takes a comma-separated list, an optional count takes "none". Every
+    number must be finite and non-negative (ε, σ, steps, sizes); counts must be whole numbers."""
+    fields = {f.name: f for f in dataclasses.fields(SuiteSettings)}
+    changes = {}
+    for assignment in assignments:
+        name, sep, text = assignment.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {assignment!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
+        default = getattr(base, name)
+        optional = name in OPTIONAL_COUNTS
+        whole = optional or isinstance(default, int) or (
+            isinstance(default, tuple) and all(isinstance(v, int) for v in default)
+        )
+        parse = int if whole else float
+        try:
+            if optional and text.strip().lower() == "none":
+                value = None
+            elif isinstance(default, tuple):
+                value = tuple(parse(part) for part in text.split(",") if part.strip())
+            else:
+                value = parse(text)
+        except ValueError:
+            raise ValueError(f"--set {name}: {text!r} is not {'a whole number' if whole else 'a number'}"
+                             f"{' list' if isinstance(default, tuple) else ''}") from None
+        numbers = value if isinstance(value, tuple) else () if value is None else (value,)
+        if not numbers and isinstance(default, tuple):
+            raise ValueError(f"--set {name}: give at least one value")
+        bad = [v for v in numbers if not math.isfinite(v) or v < 0]
+        if bad:
+            raise ValueError(f"--set {name}: values must be finite and non-negative, got {bad[0]}")
+        changes[name] = value
+    return dataclasses.replace(base, **changes)
+
+
 FULL = SuiteSettings()
 QUICK = SuiteSettings(
     max_points=256,
