@@ -1,6 +1,6 @@
 """The linearized network: record a forward pass, then replay it linearly in forward mode.
 
-Every method in this toolkit combines four passes through a network f: forward (z = f(x)),
+The methods combine up to four passes through a network f: forward (z = f(x)),
 backward (Jᵀ·u, by autograd), linearized forward (J·h) and the weight gradients that follow.
 The linearized forward is the network with its biases removed and every nonlinearity replaced
 by multiplication with its derivative at the recorded forward pass (IBP paper §7.1):
@@ -18,7 +18,7 @@ Residual additions and other linear operations written in a model's `forward` ne
 A parameter-free module without a rule falls back to `torch.func.jvp` at its recorded input
 (the same linear map, computed generally); one with parameters raises `UnsupportedModule`.
 Nonlinear operations called functionally inside `forward` (F.relu, torch.tanh) are invisible
-to module hooks; `Linearization` checks once per model that the replay is linear and raises
+to module hooks; `Linearization.jvp` checks on a model's first replay that it is linear and raises
 `NotLinearizable` otherwise.
 
 The recording forward also captures, for every weight layer (Linear, Conv2d, BatchNorm), the
