@@ -419,11 +419,13 @@ def run_bench(args: argparse.Namespace) -> int:
                                  "timings": bench.as_json(timings)})
     if args.spectral:
         rows = bench.spectral_cost()
-        print("spectral norm per batch (lenet): power iteration, 1 iteration, against exact jacrev + matrix 2-norm")
+        print("spectral norm per batch: power iteration (1 iteration) against the exact value, batched "
+              "(vmap of jacrev + matrix 2-norm) and one sample at a time")
         for row in rows:
-            print(f"  batch {row['batch']:>3}: estimate {row['estimate_ms']:.1f} ms; exact batched {row['exact_ms']:.1f} ms "
-                  f"({row['speedup']:.0f}× slower), per-sample loop {row['exact_loop_ms']:.1f} ms "
-                  f"({row['speedup_over_loop']:.0f}× slower)")
+            shape = "×".join(map(str, row["input"]))
+            print(f"  {row['model']} {shape} C={row['classes']} batch {row['batch']}: estimate {row['estimate_ms']:.1f} ms; "
+                  f"exact batched {row['exact_ms']:.1f} ms ({row['speedup']:.0f}× slower), "
+                  f"per sample {row['exact_loop_ms']:.0f} ms ({row['speedup_over_loop']:.0f}× slower)")
         report["spectral"] = rows
     if args.trainer:
         overhead = bench.trainer_overhead()
