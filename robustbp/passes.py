@@ -105,7 +105,6 @@ class WeightCall:
     module: nn.Module
     input: torch.Tensor
     output_edge: object  # torch.autograd.graph.GradientEdge of the layer's output
-    scale: torch.Tensor | None = None  # BatchNorm only: 1/√(σ²+ε), per channel
 
 
 @dataclass
@@ -117,7 +116,6 @@ class Tape:
     weight_calls: list[WeightCall] = field(default_factory=list)
     batch_coupled: bool = False  # some BatchNorm normalized with the batch's own statistics
     piecewise_linear: bool = True  # every nonlinearity's derivative is locally constant
-    fallback_modules: set = field(default_factory=set)  # module types linearized by torch.func.jvp
 
     def reader(self) -> Callable[[nn.Module], object]:
         """For one replay of the forward pass: module -> its next record, in call order."""
@@ -160,7 +158,7 @@ def _record_forward(tape: Tape, capture_weights: bool):
                 out = original(inp)
                 if capture_weights and module.weight is not None and module.weight.requires_grad:
                     normalized = (inp.detach() - _channel_view(mean, inp)) * _channel_view(scale, inp)
-                    tape.weight_calls.append(WeightCall(module, normalized, get_gradient_edge(out), scale))
+                    tape.weight_calls.append(WeightCall(module, normalized, get_gradient_edge(out)))
                 return out
 
             return batch_norm_forward
@@ -228,7 +226,6 @@ def _record_forward(tape: Tape, capture_weights: bool):
             return original(*inputs, **kwargs)
 
         tape.piecewise_linear = False
-        tape.fallback_modules.add(type(module).__name__)
         return unknown_forward
 
     return make
@@ -408,7 +405,7 @@ def _frozen_forward(tape: Tape, weight_calls: list | None):
                 if module.weight is not None:
                     out = out * _channel_view(module.weight, inp)
                 if weight_calls is not None and module.weight is not None and module.weight.requires_grad:
-                    weight_calls.append(WeightCall(module, normalized.detach(), get_gradient_edge(out), scale))
+                    weight_calls.append(WeightCall(module, normalized.detach(), get_gradient_edge(out)))
                 if module.bias is not None:
                     out = out + _channel_view(module.bias, inp)
                 return out
@@ -507,24 +504,32 @@ def linbp_backward(model: nn.Module, first: int = 1) -> Iterator[None]:
         yield
 
 
+def power_iteration(lin: "Linearization", logits: torch.Tensor, v: torch.Tensor, n_iter: int,
+                    create_graph: bool = False) -> torch.Tensor:
+    """Spectral paper Alg. 1, per sample: v ← v/‖v‖; repeat n_iter times: u = J·v (linearized
+    forward), u ← u/‖u‖, v = Jᵀ·u (backward of `logits` to `lin.x`). Returns the last Jᵀu, whose
+    norm is the estimate σ̂ of σ_max(J); with `create_graph` it is differentiable in the parameters
+    (u held constant)."""
+    v = v / per_sample_norm(v, keepdim=True)
+    for step in range(n_iter):
+        with torch.no_grad():
+            u = lin.jvp(v)
+            u = u / per_sample_norm(u, keepdim=True).clamp_min(1e-30)
+        last = step == n_iter - 1
+        (v,) = torch.autograd.grad(logits, lin.x, u, retain_graph=True, create_graph=create_graph and last)
+    return v
+
+
 def spectral_norm_estimate(
     model: nn.Module, x: torch.Tensor, n_iter: int = 1, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Power iteration for σ_max(J_i), J_i = ∂z_i/∂x_i, per sample (spectral paper Alg. 1):
-    v ~ N(0, I), v ← v/‖v‖; repeat n_iter times: u = J·v (linearized forward), u ← u/‖u‖,
-    v = Jᵀ·u (backward); σ̂ = ‖Jᵀu‖. Returns σ̂ of shape (B,), detached."""
+    """σ̂ of σ_max(J_i), J_i = ∂z_i/∂x_i, by `power_iteration` from v ~ N(0, I).
+    Returns shape (B,), detached."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         lin = Linearization.record(model, x)
-        logits = lin.frozen_logits(x)
         v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        v = v / per_sample_norm(v, keepdim=True)
-        for _ in range(n_iter):
-            with torch.no_grad():
-                u = lin.jvp(v)
-            u = u / per_sample_norm(u, keepdim=True).clamp_min(1e-30)
-            (v,) = torch.autograd.grad(logits, x, u, retain_graph=True)
-    return per_sample_norm(v).detach()
+        return per_sample_norm(power_iteration(lin, lin.frozen_logits(x), v, n_iter)).detach()
 
 
 def per_sample_norm(t: torch.Tensor, keepdim: bool = False) -> torch.Tensor:

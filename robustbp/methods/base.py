@@ -101,7 +101,7 @@ def check_nonnegative(name: str, **values: float) -> None:
     for key, value in values.items():
         if value is None:
             continue
-        if not (float(value) >= 0.0) or value != value:
+        if not float(value) >= 0.0:  # also false for NaN
             raise ValueError(f"{name}: {key} must be a non-negative number, got {value}")
 
 

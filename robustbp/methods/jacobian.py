@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..passes import Linearization, per_sample_norm
+from ..passes import Linearization, per_sample_norm, power_iteration
 from .base import Method, check_nonnegative, register
 
 
@@ -70,14 +70,7 @@ class JacobianSpectral(Method):
 
     def _backward(self, model, x, y, params):
         x, lin, main_loss, logits = _penalty_graph(self, model, x, y)
-        v = torch.randn_like(x)
-        v = v / per_sample_norm(v, keepdim=True)
-        for step in range(self.n_iter):
-            with torch.no_grad():
-                u = lin.jvp(v)
-                u = u / per_sample_norm(u, keepdim=True).clamp_min(1e-30)
-            last = step == self.n_iter - 1
-            (v,) = torch.autograd.grad(logits, x, u, retain_graph=True, create_graph=last)
-        reg_loss = self.beta * per_sample_norm(v).mean()
+        jacobian_t_u = power_iteration(lin, logits, torch.randn_like(x), self.n_iter, create_graph=True)
+        reg_loss = self.beta * per_sample_norm(jacobian_t_u).mean()
         torch.autograd.backward(main_loss + reg_loss, inputs=params)
         return main_loss.item(), reg_loss.item()
