@@ -163,7 +163,7 @@ def spectral_cost(setups=SPECTRAL_SETUPS, repeats: int = 5, seed: int = 0):
     spectral paper's Fig. 5 claim. The exact cost grows with the number of classes C (C backward
     passes), the estimate's with the number of iterations."""
     from .evaluate.spectral import jacobian_spectral_norm, median_seconds
-    from .passes import spectral_norm_estimate
+    from .power_iteration import spectral_norm_estimate
 
     rows = []
     for model_name, channels, size, classes, batch in setups:

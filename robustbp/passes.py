@@ -1,336 +1,583 @@
-"""The linearized network: record a forward pass, then replay it linearly in forward mode.
+"""The linearized network: record a forward pass, then replay it linearly (J·h) or frozen.
 
-The methods combine up to four passes through a network f: forward (z = f(x)),
-backward (Jᵀ·u, by autograd), linearized forward (J·h) and the weight gradients that follow.
-The linearized forward is the network with its biases removed and every nonlinearity replaced
-by multiplication with its derivative at the recorded forward pass (IBP paper §7.1):
+The methods combine up to four passes through a network f: forward (z = f(x)), backward
+(Jᵀ·u, by autograd), linearized forward (J·h) and the weight gradients that follow. The
+linearized forward is the network with its biases removed and every nonlinear operation
+replaced by multiplication with its derivative at the recorded forward pass (IBP paper §7.1).
 
-    Linear / Conv2d     h ↦ W·h                     (no bias)
-    ReLU, LeakyReLU     h ↦ f'(x) ⊙ h              (the forward pass's mask)
-    Tanh, Sigmoid       h ↦ f'(x) ⊙ h              (derivative at the forward point)
-    MaxPool2d           h ↦ h[argmax positions]     (the forward pass's pooling positions)
-    Dropout             h ↦ mask ⊙ h               (the forward pass's dropout mask)
-    BatchNorm           h ↦ γ/√(σ²+ε) ⊙ h          (batch statistics held constant)
-    Normalize           h ↦ h / std
-    AvgPool, AdaptiveAvgPool, Flatten, Identity: themselves (already linear, no bias)
+How the passes see a model: every pass runs the model's own `forward` under a
+`torch.overrides.TorchFunctionMode` that sees each tensor operation as it is called (F.relu,
+x.relu(), torch.flatten, F.linear with whatever weight expression, parameters used anywhere),
+not module classes. A call that receives an *activation* (a tensor that depends on the input) is
+one step of the tape; calls on parameters and constants alone run untouched. What each
+operation records and how it replays comes from one table, `robustbp.operations.RULES`.
+Module hooks cannot see functional calls and a module's class does not say what its `forward`
+does; the operations are what actually runs, so this is what we record.
 
-Residual additions and other linear operations written in a model's `forward` need no rule.
-A parameter-free module without a rule falls back to `torch.func.jvp` at its recorded input
-(the same linear map, computed generally); one with parameters raises `UnsupportedModule`.
-Nonlinear operations called functionally inside `forward` (F.relu, torch.tanh) are invisible
-to module hooks; `Linearization.jvp` checks on a model's first replay that it is linear and raises
-`NotLinearizable` otherwise.
+The replay substitutes, for every operation, the arguments the recording saw except the
+activations: the weight a layer multiplied with (a masked or parametrized weight, computed once
+per step, with its graph to the parameters) is the weight the replay uses. A replay must take
+the same path as the recording (same operations in the same order); it is checked at each step.
 
-The recording forward also captures, for every weight layer (Linear, Conv2d, BatchNorm), the
-input it saw and an autograd edge to its output, so that weight gradients can be formed as
-(backward signal at the output) ⊗ (input or tangent), the IBP paper's d̃y_{i-1}ᵀ·dy_i.
+`Linearization.record` refuses what no pass can follow: a `torch.compile`d model (compiled code
+is opaque to the mode), an output that does not depend on the input through operations seen.
 """
 from __future__ import annotations
 
 import weakref
-from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .layers import Normalize
+from .operations import RULE_OF, VALUE_FUNCTIONS, Rule, function_name, is_in_place, is_observing, is_random
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
-_WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, *_BATCH_NORMS)
-_ALREADY_LINEAR = (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Unflatten)
-_PIECEWISE_LINEAR = (nn.ReLU, nn.LeakyReLU, nn.MaxPool2d, nn.Dropout)
-_SMOOTH = (nn.Tanh, nn.Sigmoid)
-KNOWN_MODULES = (*_WEIGHT_LAYERS, *_ALREADY_LINEAR, *_PIECEWISE_LINEAR, *_SMOOTH, Normalize)
+Tensor = torch.Tensor
 
 
 class UnsupportedModule(TypeError):
-    """A module with parameters that the linearized pass has no rule for."""
+    """The model holds something no pass can follow (a torch.compile'd module)."""
 
 
 class NotLinearizable(RuntimeError):
-    """The model's forward applies nonlinear operations outside of modules."""
+    """An operation in the model's forward that the linearized pass cannot replay, named."""
 
 
-def leaf_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if next(m.children(), None) is None]
+# ---- arguments ---------------------------------------------------------------------------
+
+def _tensor_slots(args, kwargs):
+    """(position, tensor) for every tensor argument, one level into lists and tuples."""
+    for i, arg in enumerate(args):
+        if isinstance(arg, Tensor):
+            yield (i,), arg
+        elif isinstance(arg, (list, tuple)):
+            for j, item in enumerate(arg):
+                if isinstance(item, Tensor):
+                    yield (i, j), item
+    for key, value in kwargs.items():
+        if isinstance(value, Tensor):
+            yield (key,), value
 
 
-@contextmanager
-def patched_forwards(model: nn.Module, make_forward: Callable[[nn.Module, Callable], Callable | None]):
-    """Temporarily replace each leaf module's forward by `make_forward(module, original)`.
-
-    `make_forward` returns None to leave a module alone. The originals are restored on exit,
-    whatever happens inside.
-    """
-    replaced = []
-    try:
-        for module in leaf_modules(model):
-            had_instance_forward = "forward" in module.__dict__
-            original = module.forward
-            new_forward = make_forward(module, original)
-            if new_forward is not None:
-                replaced.append((module, had_instance_forward, original))
-                module.forward = new_forward
-        yield
-    finally:
-        for module, had_instance_forward, original in replaced:
-            if had_instance_forward:
-                module.forward = original
-            else:
-                del module.forward
+def _substitute(args, kwargs, values: dict):
+    """args, kwargs with the tensors at `values`' positions replaced."""
+    args, kwargs = list(args), dict(kwargs)
+    for position, value in values.items():
+        head = position[0]
+        if isinstance(head, str):
+            kwargs[head] = value
+        elif len(position) == 1:
+            args[head] = value
+        else:
+            items = list(args[head])
+            items[position[1]] = value
+            args[head] = type(args[head])(items) if isinstance(args[head], tuple) else items
+    return args, kwargs
 
 
-def _uses_batch_statistics(bn: nn.Module) -> bool:
-    return bn.training or not bn.track_running_stats
+def _argument(args, kwargs, index: int, name: str, default=None):
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
 
 
-def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _channel_view(t: Tensor, like: Tensor) -> Tensor:
     """Reshape a per-channel vector (C,) to broadcast against `like` (N, C, ...)."""
     return t.reshape(1, -1, *([1] * (like.dim() - 2)))
 
 
-@dataclass
-class WeightCall:
-    """One call of a weight layer in the recorded forward pass.
+def _elementwise(h: Tensor, batch: int, rule: Callable) -> Tensor:
+    """rule(stacked) on h of shape (k·B, ...) viewed as (k, B, ...), so that a per-sample record
+    of shape (B, ...) broadcasts over k stacked tangents without being copied."""
+    return rule(h.view(-1, batch, *h.shape[1:])).flatten(0, 1)
 
-    `input` is what the layer multiplied its weight with: the layer input for Linear/Conv2d,
-    the normalized input (x − μ)/√(σ²+ε) for BatchNorm (whose weight is γ).
+
+# ---- the tape ----------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    """One recorded operation that received an activation.
+
+    kind is the rule's kind, or "general", "value" (replay returns the recorded output) or
+    "metadata" (shape queries: replay asks the tangent). `args`/`kwargs` are the call's own
+    arguments (activations included); `data` is what the rule kept (a mask, positions, ...).
     """
 
-    module: nn.Module
-    input: torch.Tensor
-    output_edge: object  # torch.autograd.graph.GradientEdge of the layer's output
+    func: object
+    kind: str
+    rule: Rule | None
+    args: tuple
+    kwargs: dict
+    positions: tuple
+    data: object = None
+    version: int | None = None
+    captured: bool = False
+    in_place: bool = False
+
+
+@dataclass
+class WeightCall:
+    """One call of a weight operation (linear, convolution, BatchNorm's affine) in the recorded
+    forward: `weight` and `bias` are the tensors it used (parameters or expressions of them),
+    `input` what the weight multiplied (for BatchNorm the normalized input), `output_edge` an
+    autograd edge to its output. Weight gradients are formed as (signal at output) ⊗ (input)."""
+
+    step: Step
+    weight: Tensor | None
+    bias: Tensor | None
+    input: Tensor
+    output_edge: object
 
 
 @dataclass
 class Tape:
-    """What one recorded forward pass left behind, per module, in call order."""
+    """What one recorded forward pass left behind, in call order."""
 
     batch_size: int
-    records: dict = field(default_factory=lambda: defaultdict(list))
+    steps: list[Step] = field(default_factory=list)
     weight_calls: list[WeightCall] = field(default_factory=list)
-    batch_coupled: bool = False  # some BatchNorm normalized with the batch's own statistics
-    piecewise_linear: bool = True  # every nonlinearity's derivative is locally constant
-
-    def reader(self) -> Callable[[nn.Module], object]:
-        """For one replay of the forward pass: module -> its next record, in call order."""
-        calls: dict = defaultdict(int)
-
-        def next_record(module: nn.Module):
-            index = calls[module]
-            calls[module] += 1
-            return self.records[module][index]
-
-        return next_record
+    batch_coupled: bool = False   # some BatchNorm normalized with the batch's own statistics
+    piecewise_linear: bool = True  # every derivative is locally constant: the replay is exact in θ
+    fusable: bool = True          # parameters enter only as weights and biases of weight operations
+    stackable: bool = True        # the batch stays in dim 0: k tangents can share one replay
+    general_steps: list[str] = field(default_factory=list)
 
 
-def _elementwise(h: torch.Tensor, batch: int, rule) -> torch.Tensor:
-    """Apply rule(stacked) to h of shape (k·B, ...) viewed as (k, B, ...), so that a per-sample
-    record of shape (B, ...) broadcasts over the k stacked tangents without being copied."""
-    return rule(h.view(-1, batch, *h.shape[1:])).flatten(0, 1)
+class _Tracing(TorchFunctionMode):
+    """Follows which tensors are activations (depend on the pass's input); hands every call that
+    receives one to `step`. Strong references keep the ids valid while the pass runs."""
+
+    def __init__(self, root: Tensor):
+        super().__init__()
+        self.traced: dict[int, Tensor] = {id(root): root}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        traced = self.traced
+        slots = [(position, t) for position, t in _tensor_slots(args, kwargs) if id(t) in traced]
+        if not slots or is_observing(func):
+            return func(*args, **kwargs)
+        out = self.step(func, args, kwargs, slots)
+        self.trace(out)
+        return out
+
+    def trace(self, out) -> None:
+        if isinstance(out, Tensor):
+            if out.is_floating_point():
+                self.traced[id(out)] = out
+        elif isinstance(out, (list, tuple)):
+            for item in out:
+                self.trace(item)
+
+    def step(self, func, args, kwargs, slots):
+        raise NotImplementedError
 
 
-def _record_forward(tape: Tape, capture_weights: bool):
-    """The recording forward: ordinary values, plus what the linearized pass will need."""
-
-    def make(module: nn.Module, original: Callable):
-        records = tape.records[module]
-
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            return _capturing_weight_forward(module, original, tape.weight_calls) if capture_weights else None
-
-        if isinstance(module, _BATCH_NORMS):
-
-            def batch_norm_forward(inp):
-                dims = [0] + list(range(2, inp.dim()))
-                if _uses_batch_statistics(module):
-                    tape.batch_coupled = True
-                    var, mean = torch.var_mean(inp.detach(), dim=dims, unbiased=False)
-                else:
-                    mean, var = module.running_mean, module.running_var
-                scale = torch.rsqrt(var + module.eps)
-                records.append((mean, scale))
-                out = original(inp)
-                if capture_weights and module.weight is not None and module.weight.requires_grad:
-                    normalized = (inp.detach() - _channel_view(mean, inp)) * _channel_view(scale, inp)
-                    tape.weight_calls.append(WeightCall(module, normalized, get_gradient_edge(out)))
-                return out
-
-            return batch_norm_forward
-
-        if isinstance(module, nn.ReLU):
-
-            def relu_forward(inp):
-                out = torch.relu(inp)
-                records.append(out.detach())
-                return out
-
-            return relu_forward
-
-        if isinstance(module, nn.LeakyReLU):
-
-            def leaky_relu_forward(inp):
-                records.append(inp.detach())
-                return F.leaky_relu(inp, module.negative_slope)
-
-            return leaky_relu_forward
-
-        if isinstance(module, _SMOOTH):
-
-            def smooth_forward(inp):
-                tape.piecewise_linear = False
-                out = original(inp)
-                records.append(out.detach())
-                return out
-
-            return smooth_forward
-
-        if isinstance(module, nn.MaxPool2d):
-
-            def max_pool_forward(inp):
-                out, indices = F.max_pool2d(
-                    inp, module.kernel_size, module.stride, module.padding, module.dilation,
-                    ceil_mode=module.ceil_mode, return_indices=True,
-                )
-                records.append(indices)
-                return out
-
-            return max_pool_forward
-
-        if isinstance(module, nn.Dropout):
-
-            def dropout_forward(inp):
-                if not module.training or module.p == 0:
-                    records.append(None)
-                    return inp
-                keep = 1.0 - module.p
-                mask = torch.empty_like(inp).bernoulli_(keep).div_(keep) if keep > 0 else torch.zeros_like(inp)
-                records.append(mask)
-                return inp * mask
-
-            return dropout_forward
-
-        if isinstance(module, (*_ALREADY_LINEAR, Normalize)):
-            return None
-
-        def unknown_forward(*inputs, **kwargs):
-            if kwargs or len(inputs) != 1:
-                records.append(None)
-            else:
-                records.append(inputs[0].detach())
-            return original(*inputs, **kwargs)
-
-        tape.piecewise_linear = False
-        return unknown_forward
-
-    return make
+def _fits(rule: Rule, func, args, kwargs, slots) -> bool:
+    """Whether the explicit rule covers this call, or it needs the general route."""
+    positions = [p for p, _ in slots]
+    kind = rule.kind
+    if kind in ("weight", "piecewise", "smooth", "pooling", "dropout", "batch-norm"):
+        if positions != [(0,)]:
+            return False
+        if kind in ("weight", "batch-norm"):
+            return True
+        return all(not isinstance(v, Tensor) for v in (*args[1:], *kwargs.values()))
+    if kind == "additive":
+        return not is_in_place(func) or positions[0] == (0,)
+    if kind == "scaling":
+        name = function_name(func)
+        if len(positions) != 1:
+            return False
+        return positions[0] == (0,) or name in ("mul", "__mul__", "__rmul__")
+    if kind == "structural":
+        if len(positions) != len(list(_tensor_slots(args, kwargs))):
+            return False  # a constant tensor among the arguments (torch.cat([cls_token, x]))
+        if func is F.pad:
+            mode = _argument(args, kwargs, 2, "mode", "constant")
+            return mode != "constant" or not _argument(args, kwargs, 3, "value", None)
+        return True
+    return False
 
 
-def _linearized_forward(tape: Tape, tangent_inputs: list | None):
-    """The linearized replay: biases dropped, derivatives and positions from the tape.
+_DIM_MOVERS = frozenset(
+    f for f in (torch.permute, torch.transpose, torch.movedim, Tensor.permute, Tensor.transpose, Tensor.t,
+                Tensor.movedim) if f is not None
+)
 
-    When `tangent_inputs` is a list, the tangent entering each weight layer is appended to it,
-    in the same order as `tape.weight_calls`.
-    """
-    next_record = tape.reader()
 
-    def make(module: nn.Module, original: Callable):
-        batch = tape.batch_size
+def _batch_stays_leading(func, args, kwargs, out, batch: int) -> bool:
+    if func in _DIM_MOVERS:
+        return False
+    if function_name(func) in ("sum", "mean"):
+        dims = _argument(args, kwargs, 1, "dim", None)
+        if dims is None or 0 in (dims if isinstance(dims, (list, tuple)) else (dims,)):
+            return False
+    outputs = [out] if isinstance(out, Tensor) else [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+    return all(t.dim() > 0 and t.shape[0] == batch for t in outputs)
 
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
 
-            def linear_rule(h):
-                if tangent_inputs is not None and module.weight.requires_grad:
-                    tangent_inputs.append(h)
-                if isinstance(module, nn.Linear):
-                    return F.linear(h, module.weight)
-                return module._conv_forward(h, module.weight, None)
+def _requires_grad_constant(tensors, traced) -> bool:
+    return any(t.requires_grad and id(t) not in traced for t in tensors)
 
-            return linear_rule
 
-        if isinstance(module, _BATCH_NORMS):
+def _refuse_custom_function(t: Tensor) -> None:
+    """A custom autograd.Function's backward may differ from the derivative of the operations its
+    forward performs (a straight-through estimator): no replay of the forward can follow it."""
+    if isinstance(t.grad_fn, BackwardCFunction):
+        raise NotLinearizable(
+            f"the linearized pass cannot follow the custom autograd.Function {type(t.grad_fn).__name__}: "
+            f"its backward is its own, not the derivative of its forward; methods that replay the network "
+            f"linearly (loss-ibp, fast-tangent-prop, prediction-ibp, tangent-prop, jacobian-spectral) refuse it"
+        )
 
-            def batch_norm_rule(h):
-                _, scale = next_record(module)
-                if tangent_inputs is not None and module.weight is not None and module.weight.requires_grad:
-                    tangent_inputs.append(h * _channel_view(scale, h))
-                gain = scale if module.weight is None else scale * module.weight
-                return h * _channel_view(gain, h)
 
-            return batch_norm_rule
+class _Recording(_Tracing):
+    def __init__(self, tape: Tape, root: Tensor, capture_weights: bool):
+        super().__init__(root)
+        self.tape, self.capture_weights = tape, capture_weights
 
-        if isinstance(module, _ALREADY_LINEAR):
-            return None
+    def step(self, func, args, kwargs, slots):
+        for _, t in slots:
+            _refuse_custom_function(t)
+        tape = self.tape
+        rule = RULE_OF.get(func)
+        positions = tuple(p for p, _ in slots)
+        if func in VALUE_FUNCTIONS:
+            out = func(*args, **kwargs)
+            tape.steps.append(Step(func, "value", None, (), {}, positions, data=out))
+            return out
+        kind = rule.kind if rule is not None and _fits(rule, func, args, kwargs, slots) else "general"
+        step = Step(func, kind, rule, args, kwargs, positions)
+        out = getattr(self, "_record_" + kind.replace("-", "_"))(step, slots)
+        if kind == "general" and not any(isinstance(t, Tensor) and t.is_floating_point() for t in tree_flatten(out)[0]):
+            step.kind = "value" if any(isinstance(t, Tensor) for t in tree_flatten(out)[0]) or func in VALUE_FUNCTIONS \
+                else "metadata"
+            step.data = out
+            if step.kind == "value":
+                tape.stackable = False
+        elif kind == "general":
+            tape.general_steps.append(function_name(func))
+        tape.steps.append(step)
+        return out
 
-        if isinstance(module, Normalize):
-            return lambda h: h / module.std
+    def _record_weight(self, step, slots):
+        args, kwargs = step.args, step.kwargs
+        out = step.func(*args, **kwargs)
+        weight = _argument(args, kwargs, 1, "weight")
+        bias = _argument(args, kwargs, 2, "bias")
+        trainable = [t for t in (weight, bias) if isinstance(t, Tensor) and t.requires_grad]
+        if self.capture_weights and trainable and out.requires_grad:
+            step.captured = True
+            self.tape.weight_calls.append(WeightCall(step, weight, bias, args[0].detach(), get_gradient_edge(out)))
+        return out
 
-        if isinstance(module, nn.ReLU):
+    def _record_piecewise(self, step, slots):
+        return self._record_elementwise(step, slots)
+
+    def _record_smooth(self, step, slots):
+        self.tape.piecewise_linear = False
+        return self._record_elementwise(step, slots)
+
+    def _record_elementwise(self, step, slots):
+        inp = step.args[0]
+        step.in_place = is_in_place(step.func) or any(v is True for v in (*step.args[1:], *step.kwargs.values()))
+        kept_input = None
+        if not step.rule.record_output:
+            kept_input = inp.detach().clone() if step.in_place else inp.detach()
+        out = step.func(*step.args, **step.kwargs)
+        kept = out.detach() if step.rule.record_output else kept_input
+        step.data, step.version = kept, kept._version
+        return out
+
+    def _record_pooling(self, step, slots):
+        args, kwargs = step.args, step.kwargs
+        wants_indices = _argument(args, kwargs, 6, "return_indices", False)
+        call_kwargs = {k: v for k, v in kwargs.items() if k != "return_indices"}
+        out, indices = step.func(*args[:6], **call_kwargs, return_indices=True)
+        step.data = indices
+        return (out, indices) if wants_indices else out
+
+    def _record_dropout(self, step, slots):
+        args, kwargs = step.args, step.kwargs
+        inp = args[0]
+        p = _argument(args, kwargs, 1, "p", 0.5)
+        training = _argument(args, kwargs, 2, "training", True)
+        in_place = _argument(args, kwargs, 3, "inplace", False)
+        if not training or p == 0:
+            step.data = None
+            return step.func(*args, **kwargs)
+        # The mask as the native kernel draws it (same random numbers), kept for every later pass.
+        mask = step.func(torch.ones_like(inp), p, True)
+        step.data = mask
+        return inp.mul_(mask) if in_place else inp * mask
+
+    def _record_batch_norm(self, step, slots):
+        args, kwargs = step.args, step.kwargs
+        inp = args[0]
+        running_mean, running_var = _argument(args, kwargs, 1, "running_mean"), _argument(args, kwargs, 2, "running_var")
+        weight, bias = _argument(args, kwargs, 3, "weight"), _argument(args, kwargs, 4, "bias")
+        training, eps = _argument(args, kwargs, 5, "training", False), _argument(args, kwargs, 7, "eps", 1e-5)
+        if training:
+            self.tape.batch_coupled = True
+            var, mean = torch.var_mean(inp.detach(), dim=[0] + list(range(2, inp.dim())), unbiased=False)
+        else:
+            mean, var = running_mean.clone(), running_var.clone()
+        scale = torch.rsqrt(var + eps)
+        step.data = (mean, scale, weight, bias)
+        out = step.func(*args, **kwargs)
+        if self.capture_weights and isinstance(weight, Tensor) and weight.requires_grad:
+            step.captured = True
+            normalized = (inp.detach() - _channel_view(mean, inp)) * _channel_view(scale, inp)
+            self.tape.weight_calls.append(WeightCall(step, weight, bias, normalized, get_gradient_edge(out)))
+        return out
+
+    def _record_additive(self, step, slots):
+        others = [t for _, t in _tensor_slots(step.args, step.kwargs)]
+        if _requires_grad_constant(others, self.traced):
+            self.tape.fusable = False  # a parameter added to an activation (a positional embedding)
+        step.in_place = is_in_place(step.func)
+        return step.func(*step.args, **step.kwargs)
+
+    def _record_scaling(self, step, slots):
+        return self._record_additive(step, slots)
+
+    def _record_structural(self, step, slots):
+        out = step.func(*step.args, **step.kwargs)
+        if not _batch_stays_leading(step.func, step.args, step.kwargs, out, self.tape.batch_size):
+            self.tape.stackable = False
+        return out
+
+    def _record_general(self, step, slots):
+        name = function_name(step.func)
+        if is_random(step.func):
+            raise NotLinearizable(
+                f"the linearized pass cannot replay {name}: it draws random numbers and has no rule; "
+                f"use nn.Dropout / F.dropout, whose mask is recorded"
+            )
+        if is_in_place(step.func):
+            raise NotLinearizable(
+                f"the linearized pass cannot replay the in-place operation {name} on an activation; "
+                f"write it out of place (for example y = x + c instead of x[...] = c or x.{name}(...))"
+            )
+        tape = self.tape
+        tape.piecewise_linear = tape.stackable = False
+        if _requires_grad_constant([t for _, t in _tensor_slots(step.args, step.kwargs)], self.traced):
+            tape.fusable = False
+        step.data = {position: t.detach() for position, t in slots}  # the point the derivative is taken at
+        return step.func(*step.args, **step.kwargs)
+
+
+class _Replaying(_Tracing):
+    """Runs the model's forward again on a tangent h; each operation that receives an activation
+    is matched with its recorded step and replaced by its linear map."""
+
+    def __init__(self, tape: Tape, root: Tensor, tangent_inputs: list | None):
+        super().__init__(root)
+        self.tape, self.tangent_inputs = tape, tangent_inputs
+        self.index = 0
+        self.batch = tape.batch_size
+
+    def next_step(self, func, slots) -> Step:
+        steps = self.tape.steps
+        if self.index >= len(steps) or steps[self.index].func != func:
+            recorded = function_name(steps[self.index].func) if self.index < len(steps) else "the end of the forward"
+            raise NotLinearizable(
+                f"the model's forward took a different path when replayed: operation {self.index + 1} was "
+                f"{recorded} when recorded and {function_name(func)} now; a forward whose operations depend "
+                f"on values the passes cannot see (a Python random draw, a global counter) cannot be linearized"
+            )
+        step = steps[self.index]
+        self.index += 1
+        if tuple(p for p, _ in slots) != step.positions:
+            raise NotLinearizable(f"{function_name(func)} received the input through other arguments when replayed")
+        return step
+
+    def step(self, func, args, kwargs, slots):
+        step = self.next_step(func, slots)
+        if step.kind == "value":
+            return step.data
+        if step.kind in ("metadata", "structural"):
+            return func(*args, **kwargs)
+        tangents = dict(slots)
+        return getattr(self, "_linear_" + step.kind.replace("-", "_"))(step, tangents, args, kwargs)
+
+    def _write_in_place(self, step, target: Tensor, value: Tensor) -> Tensor:
+        if step.in_place:
+            return target.copy_(value)
+        return value
+
+    def _linear_weight(self, step, tangents, args, kwargs):
+        h = tangents[(0,)]
+        if step.captured and self.tangent_inputs is not None:
+            self.tangent_inputs.append(h)
+        call_args, call_kwargs = _substitute(step.args, step.kwargs, {(0,): h})
+        if "bias" in call_kwargs:
+            call_kwargs["bias"] = None
+        elif len(call_args) > 2:
+            call_args[2] = None
+        return step.func(*call_args, **call_kwargs)
+
+    def _linear_piecewise(self, step, tangents, args, kwargs):
+        h = tangents[(0,)]
+        kept = self._kept(step)
+        if step.rule.name == "relu":
             # threshold_backward(h, out, 0) = h where out > 0, else 0: the mask in one fused kernel
-            return lambda h: _elementwise(
-                h, batch, lambda k: torch.ops.aten.threshold_backward(k, next_record(module), 0)
+            value = _elementwise(h, self.batch, lambda k: torch.ops.aten.threshold_backward(k, kept, 0))
+        else:
+            slope = _argument(step.args, step.kwargs, 1, "negative_slope", 0.01)
+            value = _elementwise(h, self.batch, lambda k: torch.where(kept > 0, k, k * slope))
+        return self._write_in_place(step, h, value)
+
+    def _linear_smooth(self, step, tangents, args, kwargs):
+        h = tangents[(0,)]
+        derivative = step.data if isinstance(step.data, tuple) else None
+        if derivative is None:
+            kept = self._kept(step)
+            if step.rule.derivative is not None:
+                value = step.rule.derivative(kept)
+            else:
+                call_kwargs = {k: v for k, v in step.kwargs.items() if k != "inplace"}
+                call_args = [a for a in step.args[1:] if not isinstance(a, bool)]
+                value = torch.func.jvp(lambda t: step.func(t, *call_args, **call_kwargs), (kept,), (torch.ones_like(kept),))[1]
+            step.data, derivative = (value,), (value,)
+        return self._write_in_place(step, h, _elementwise(h, self.batch, lambda k: k * derivative[0]))
+
+    def _kept(self, step) -> Tensor:
+        kept = step.data
+        if kept._version != step.version:
+            raise NotLinearizable(
+                f"the tensor {function_name(step.func)} recorded was changed in place later in the forward; "
+                f"the linearized pass needs it as it was (write the later operation out of place)"
             )
+        return kept
 
-        if isinstance(module, nn.LeakyReLU):
+    def _linear_pooling(self, step, tangents, args, kwargs):
+        h, indices = tangents[(0,)], step.data
+        stacked = h.view(-1, self.batch, *h.shape[1:]).flatten(3)
+        positions = indices.flatten(2).expand(stacked.shape[0], -1, -1, -1)
+        out = stacked.gather(3, positions).view(h.shape[0], *indices.shape[1:])
+        wants_indices = _argument(step.args, step.kwargs, 6, "return_indices", False)
+        return (out, indices) if wants_indices else out
 
-            def leaky_relu_rule(h):
-                inp = next_record(module)
-                return _elementwise(h, batch, lambda k: torch.where(inp > 0, k, k * module.negative_slope))
+    def _linear_dropout(self, step, tangents, args, kwargs):
+        h, mask = tangents[(0,)], step.data
+        if mask is None:
+            return h
+        return self._write_in_place(step, h, _elementwise(h, self.batch, lambda k: k * mask))
 
-            return leaky_relu_rule
+    def _linear_batch_norm(self, step, tangents, args, kwargs):
+        h = tangents[(0,)]
+        _, scale, weight, _ = step.data
+        if step.captured and self.tangent_inputs is not None:
+            self.tangent_inputs.append(h * _channel_view(scale, h))
+        gain = scale if weight is None else scale * weight
+        return h * _channel_view(gain, h)
 
-        if isinstance(module, nn.Tanh):
-            return lambda h: _elementwise(h, batch, lambda k: k * (1 - next_record(module) ** 2))
+    def _linear_additive(self, step, tangents, args, kwargs):
+        # Constants (numbers, buffers, parameters) added to an activation drop out of J·h.
+        values = {}
+        for position, value in _tensor_slots(args, kwargs):
+            if position not in tangents:
+                values[position] = torch.zeros_like(value)
+        call_args, call_kwargs = _substitute(args, kwargs, values)
+        for index in (0, 1):
+            if index < len(call_args) and not isinstance(call_args[index], Tensor):
+                call_args[index] = 0
+        if "other" in call_kwargs and not isinstance(call_kwargs["other"], Tensor):
+            call_kwargs["other"] = 0
+        return step.func(*call_args, **call_kwargs)
 
-        if isinstance(module, nn.Sigmoid):
+    def _linear_scaling(self, step, tangents, args, kwargs):
+        call_args, call_kwargs = _substitute(step.args, step.kwargs, tangents)
+        return step.func(*call_args, **call_kwargs)
 
-            def sigmoid_rule(h):
-                out = next_record(module)
-                return _elementwise(h, batch, lambda k: k * (out * (1 - out)))
+    def _linear_general(self, step, tangents, args, kwargs):
+        positions = list(step.data)
+        points = [step.data[p] for p in positions]
+        directions = [tangents[p] for p in positions]
+        template = {}
 
-            return sigmoid_rule
+        def call(*activations):
+            call_args, call_kwargs = _substitute(step.args, step.kwargs, dict(zip(positions, activations)))
+            leaves, spec = tree_flatten(step.func(*call_args, **call_kwargs))
+            floating = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
+            template.update(leaves=leaves, spec=spec, floating=floating)
+            return tuple(leaves[i] for i in floating)
 
-        if isinstance(module, nn.MaxPool2d):
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                _, out_tangents = torch.func.jvp(call, tuple(points), tuple(directions))
+        except Exception as error:  # noqa: BLE001  (named and re-raised as one clear error)
+            raise NotLinearizable(
+                f"the linearized pass has no rule for {function_name(step.func)} and its forward-mode "
+                f"derivative failed: {str(error).splitlines()[0]}"
+            ) from error
+        leaves = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in template["leaves"]]
+        for i, tangent in zip(template["floating"], out_tangents):
+            leaves[i] = tangent
+        return tree_unflatten(leaves, template["spec"])
 
-            def max_pool_rule(h):
-                indices = next_record(module)
-                stacked = h.view(-1, batch, *h.shape[1:]).flatten(3)
-                positions = indices.flatten(2).expand(stacked.shape[0], -1, -1, -1)
-                return stacked.gather(3, positions).view(h.shape[0], *indices.shape[1:])
 
-            return max_pool_rule
+class _Frozen(_Tracing):
+    """The forward again with every BatchNorm normalizing with the recorded statistics (held
+    constant) and every dropout applying its recorded mask: the network the penalties use."""
 
-        if isinstance(module, nn.Dropout):
+    def __init__(self, tape: Tape, root: Tensor, weight_calls: list | None):
+        super().__init__(root)
+        self.tape, self.weight_calls = tape, weight_calls
+        self.matcher = _Replaying(tape, root, None)
 
-            def dropout_rule(h):
-                mask = next_record(module)
-                return h if mask is None else _elementwise(h, batch, lambda k: k * mask)
+    def step(self, func, args, kwargs, slots):
+        step = self.matcher.next_step(func, slots)
+        if step.kind == "batch-norm":
+            inp = args[0]
+            mean, scale, weight, bias = step.data
+            normalized = (inp - _channel_view(mean, inp)) * _channel_view(scale, inp)
+            out = normalized if weight is None else normalized * _channel_view(weight, inp)
+            if self.weight_calls is not None and step.captured:
+                self.weight_calls.append(WeightCall(step, weight, bias, normalized.detach(), get_gradient_edge(out)))
+            return out if bias is None else out + _channel_view(bias, inp)
+        if step.kind == "dropout":
+            mask = step.data
+            return args[0] if mask is None else args[0] * mask
+        if step.kind == "value":
+            return step.data
+        out = func(*args, **kwargs)
+        if step.kind == "weight" and step.captured and self.weight_calls is not None:
+            weight, bias = _argument(args, kwargs, 1, "weight"), _argument(args, kwargs, 2, "bias")
+            self.weight_calls.append(WeightCall(step, weight, bias, args[0].detach(), get_gradient_edge(out)))
+        return out
 
-            return dropout_rule
 
-        if list(module.parameters(recurse=False)):
-            raise UnsupportedModule(
-                f"the linearized pass has no rule for {type(module).__name__}, a module with parameters; "
-                f"supported: {', '.join(sorted({t.__name__ for t in KNOWN_MODULES}))}"
-            )
+# ---- the public object -------------------------------------------------------------------
 
-        def jvp_rule(h):
-            point = next_record(module)
-            if point is None:
-                raise UnsupportedModule(
-                    f"the linearized pass cannot replay {type(module).__name__}: it takes more than one input"
-                )
-            point = point.repeat(h.shape[0] // batch, *([1] * (point.dim() - 1)))
-            return torch.func.jvp(original, (point,), (h,))[1]
+def refuse_compiled(model: nn.Module) -> None:
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    compiled = getattr(compiled, "OptimizedModule", None)
+    if compiled is not None and any(isinstance(m, compiled) for m in model.modules()):
+        raise UnsupportedModule(
+            f"{type(model).__name__} holds a torch.compile'd module, whose operations the passes cannot see; "
+            f"pass the module itself (torch.compile has no double backward today)"
+        )
 
-        return jvp_rule
 
-    return make
+def _run(model: nn.Module, x: Tensor, mode: _Tracing, what: str):
+    with mode:
+        out = model(x)
+    if not isinstance(out, Tensor) or id(out) not in mode.traced:
+        raise NotLinearizable(
+            f"{type(model).__name__}'s output does not depend on its input through operations the {what} can "
+            f"see (a C++ extension or compiled code in forward?)"
+        )
+    return out
 
 
 @dataclass
@@ -342,98 +589,63 @@ class Linearization:
     """
 
     model: nn.Module
-    x: torch.Tensor
-    logits: torch.Tensor
+    x: Tensor
+    logits: Tensor
     tape: Tape
 
     @classmethod
-    def record(cls, model: nn.Module, x: torch.Tensor, capture_weights: bool = False) -> "Linearization":
+    def record(cls, model: nn.Module, x: Tensor, capture_weights: bool = False) -> "Linearization":
         """Run model(x) once, keeping masks, pooling positions and statistics; with `capture_weights`,
-        also each weight layer's input and output edge (in `tape.weight_calls`)."""
+        also each weight operation's input and output edge (in `tape.weight_calls`)."""
+        refuse_compiled(model)
         tape = Tape(batch_size=x.shape[0])
-        with patched_forwards(model, _record_forward(tape, capture_weights)):
-            logits = model(x)
+        logits = _run(model, x, _Recording(tape, x, capture_weights), "recording")
+        _refuse_custom_function(logits)
         lin = cls(model, x, logits, tape)
+        _check_linear(lin)
         return lin
 
-    def jvp(self, h: torch.Tensor, tangent_inputs: list | None = None) -> torch.Tensor:
+    def jvp(self, h: Tensor, tangent_inputs: list | None = None) -> Tensor:
         """J·h through the linearized network. h may stack k tangents per sample: shape (k·B, ...),
-        sample i of tangent t at row t·B + i. Differentiable with respect to the weights.
-        The first replay of a model checks that the replay is linear (`NotLinearizable`)."""
-        if h.shape[0] % self.tape.batch_size:
-            raise ValueError(f"tangent batch {h.shape[0]} is not a multiple of the recorded batch {self.tape.batch_size}")
-        _check_linear_once(self)
-        return self._replay(h, tangent_inputs)
+        sample i of tangent t at row t·B + i. Differentiable with respect to the parameters (the
+        recorded derivatives held constant). With `tangent_inputs`, the tangent entering each
+        captured weight operation is appended to it, in the order of `tape.weight_calls`."""
+        batch = self.tape.batch_size
+        if h.shape[0] % batch:
+            raise ValueError(f"tangent batch {h.shape[0]} is not a multiple of the recorded batch {batch}")
+        if h.shape[0] == batch or self.tape.stackable:
+            return self._replay(h, tangent_inputs)
+        if tangent_inputs is not None:
+            raise ValueError("tangent_inputs needs one tangent per sample on this model")
+        return torch.cat([self._replay(part) for part in h.split(batch)])
 
-    def _replay(self, h: torch.Tensor, tangent_inputs: list | None = None) -> torch.Tensor:
-        with patched_forwards(self.model, _linearized_forward(self.tape, tangent_inputs)):
-            return self.model(h)
-
-    def frozen_logits(self, x: torch.Tensor, weight_calls: list | None = None) -> torch.Tensor:
-        """f(x) again with every BatchNorm normalizing with the recorded statistics (held constant)
-        and every Dropout applying its recorded mask: the network the per-sample penalties use.
-        Without batch-coupled BatchNorm that is the recorded forward itself, returned as is.
-        With `weight_calls`, each weight layer's call is appended to it, as in `record`."""
-        if not self.tape.batch_coupled and weight_calls is None:
-            return self.logits
-        with patched_forwards(self.model, _frozen_forward(self.tape, weight_calls)):
-            return self.model(x)
-
-
-def _capturing_weight_forward(module: nn.Module, original: Callable, weight_calls: list):
-    if not module.weight.requires_grad:
-        return None
-
-    def weight_forward(inp):
-        out = original(inp)
-        weight_calls.append(WeightCall(module, inp, get_gradient_edge(out)))
+    def _replay(self, h: Tensor, tangent_inputs: list | None = None) -> Tensor:
+        mode = _Replaying(self.tape, h, tangent_inputs)
+        out = _run(self.model, h, mode, "linearized pass")
+        if mode.index != len(self.tape.steps):
+            raise NotLinearizable("the model's forward took a shorter path when replayed than when recorded")
         return out
 
-    return weight_forward
+    def frozen_logits(self, x: Tensor, weight_calls: list | None = None) -> Tensor:
+        """f(x) again with every BatchNorm normalizing with the recorded statistics (held constant)
+        and every dropout applying its recorded mask: the network the per-sample penalties use.
+        Without batch-coupled BatchNorm that is the recorded forward itself, returned as is.
+        With `weight_calls`, each captured weight operation's call is appended to it."""
+        if not self.tape.batch_coupled and weight_calls is None:
+            return self.logits
+        return _run(self.model, x, _Frozen(self.tape, x, weight_calls), "frozen forward")
 
 
-def _frozen_forward(tape: Tape, weight_calls: list | None):
-    next_record = tape.reader()
-
-    def make(module: nn.Module, original: Callable):
-        if isinstance(module, _BATCH_NORMS):
-
-            def frozen_batch_norm(inp):
-                mean, scale = next_record(module)
-                normalized = (inp - _channel_view(mean, inp)) * _channel_view(scale, inp)
-                out = normalized
-                if module.weight is not None:
-                    out = out * _channel_view(module.weight, inp)
-                if weight_calls is not None and module.weight is not None and module.weight.requires_grad:
-                    weight_calls.append(WeightCall(module, normalized.detach(), get_gradient_edge(out)))
-                if module.bias is not None:
-                    out = out + _channel_view(module.bias, inp)
-                return out
-
-            return frozen_batch_norm
-
-        if isinstance(module, nn.Dropout):
-
-            def frozen_dropout(inp):
-                mask = next_record(module)
-                return inp if mask is None else inp * mask
-
-            return frozen_dropout
-
-        if weight_calls is not None and isinstance(module, (nn.Linear, nn.Conv2d)):
-            return _capturing_weight_forward(module, original, weight_calls)
-        return None
-
-    return make
+_checked: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
-_checked_models: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
-def _check_linear_once(lin: Linearization) -> None:
-    """Once per model: the replay must be additive, J(a+b) = J(a) + J(b), or the model's forward
-    holds nonlinear operations that no module hook saw."""
-    if lin.model in _checked_models:
+def _check_linear(lin: Linearization) -> None:
+    """The replay must be additive, J(a+b) = J(a) + J(b): a last guard against operations the mode
+    did not see. Checked once per model, per train/eval configuration and per set of parameters."""
+    model = lin.model
+    key = (tuple(m.training for m in model.modules()), tuple(id(p) for p in model.parameters()),
+           lin.x.dtype, tuple(lin.x.shape[1:]))
+    if key in _checked.get(model, ()):
         return
     with torch.no_grad():
         generator = torch.Generator(device="cpu").manual_seed(0)
@@ -443,95 +655,53 @@ def _check_linear_once(lin: Linearization) -> None:
     tolerance = 1e-3 if lin.x.dtype != torch.float64 else 1e-8
     if not torch.allclose(together, apart, rtol=tolerance, atol=tolerance * float(apart.abs().max() + 1e-12)):
         raise NotLinearizable(
-            f"{type(lin.model).__name__}.forward applies a nonlinear operation outside of a module "
-            f"(for example F.relu or torch.tanh): the linearized pass cannot see it. Use nn.ReLU / nn.Tanh modules."
+            f"{type(model).__name__}.forward applies an operation the linearized pass does not see "
+            f"(its replay is not linear); see `robustbp layers` for what it follows"
         )
-    _checked_models[lin.model] = True
+    _checked.setdefault(model, set()).add(key)
 
 
-def weight_gradient(call: WeightCall, inputs: torch.Tensor, output_grad: torch.Tensor) -> torch.Tensor:
-    """∂/∂W of Σ ⟨output_grad, W ⋆ inputs⟩: the weight gradient dyᵀ·x of one layer call."""
-    module = call.module
-    if isinstance(module, nn.Linear):
+# ---- weight gradients of one recorded call -----------------------------------------------
+
+def _conv_padding(step: Step, weight: Tensor):
+    padding = _argument(step.args, step.kwargs, 4, "padding", 0)
+    if padding == "valid":
+        return 0
+    if padding == "same":
+        dilation = _argument(step.args, step.kwargs, 5, "dilation", 1)
+        dims = weight.dim() - 2
+        dilation = (dilation,) * dims if isinstance(dilation, int) else tuple(dilation)
+        totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        if any(t % 2 for t in totals):
+            return None  # asymmetric: no explicit padding gives it
+        return tuple(t // 2 for t in totals)
+    return padding
+
+
+_CONV_WEIGHT_GRADIENT = {F.conv1d: torch.nn.grad.conv1d_weight, F.conv2d: torch.nn.grad.conv2d_weight,
+                         F.conv3d: torch.nn.grad.conv3d_weight}
+
+
+def weight_gradient(call: WeightCall, inputs: Tensor, output_grad: Tensor) -> Tensor:
+    """∂/∂W of Σ ⟨output_grad, W ⋆ inputs⟩: the weight gradient dyᵀ·x of one call."""
+    step, weight = call.step, call.weight
+    if step.kind == "batch-norm":
+        return (output_grad * inputs).sum(dim=[0] + list(range(2, inputs.dim())))
+    if step.func is F.linear:
         return output_grad.reshape(-1, output_grad.shape[-1]).T @ inputs.reshape(-1, inputs.shape[-1])
-    if isinstance(module, nn.Conv2d):
-        return torch.nn.grad.conv2d_weight(
-            inputs, module.weight.shape, output_grad, module.stride, module.padding, module.dilation, module.groups
-        )
-    dims = [0] + list(range(2, inputs.dim()))
-    return (output_grad * inputs).sum(dim=dims)
+    stride = _argument(step.args, step.kwargs, 3, "stride", 1)
+    dilation = _argument(step.args, step.kwargs, 5, "dilation", 1)
+    groups = _argument(step.args, step.kwargs, 6, "groups", 1)
+    padding = _conv_padding(step, weight)
+    if padding is None:
+        def convolution(w):
+            return step.func(inputs, w, None, stride, "same", dilation, groups)
+        return torch.func.vjp(convolution, weight.detach())[1](output_grad)[0]
+    return _CONV_WEIGHT_GRADIENT[step.func](inputs, weight.shape, output_grad, stride, padding, dilation, groups)
 
 
-def bias_gradient(call: WeightCall, output_grad: torch.Tensor) -> torch.Tensor:
+def bias_gradient(call: WeightCall, output_grad: Tensor) -> Tensor:
     """∂/∂b of Σ ⟨output_grad, y⟩ for y = W ⋆ x + b: output_grad summed over all but the channel axis."""
-    if isinstance(call.module, nn.Linear):
+    if call.step.func is F.linear:
         return output_grad.reshape(-1, output_grad.shape[-1]).sum(0)
     return output_grad.sum(dim=[0] + list(range(2, output_grad.dim())))
-
-
-class _ReLUIdentityBackward(torch.autograd.Function):
-    """relu(x) forward, derivative 1 backward (LinBP)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.relu(x)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return grad_output
-
-
-@contextmanager
-def linbp_backward(model: nn.Module, first: int = 1) -> Iterator[None]:
-    """LinBP (Guo et al. 2020; Li et al., linbp-convergence.txt §III): inside this context the
-    forward pass is unchanged, and in the backward pass the derivative of every nn.ReLU call from
-    the `first`-th on (forward order, 1-based) is replaced by the identity."""
-    if int(first) != first or first < 1:
-        raise ValueError(f"linbp: first must be an integer ≥ 1 (the first ReLU to linearize), got {first}")
-    relu_calls = [0]
-
-    def make(module, original):
-        if not isinstance(module, nn.ReLU):
-            return None
-
-        def relu_forward(inp):
-            relu_calls[0] += 1
-            return _ReLUIdentityBackward.apply(inp) if relu_calls[0] >= first else torch.relu(inp)
-
-        return relu_forward
-
-    with patched_forwards(model, make):
-        yield
-
-
-def power_iteration(lin: "Linearization", logits: torch.Tensor, v: torch.Tensor, n_iter: int,
-                    create_graph: bool = False) -> torch.Tensor:
-    """Spectral paper Alg. 1, per sample: v ← v/‖v‖; repeat n_iter times: u = J·v (linearized
-    forward), u ← u/‖u‖, v = Jᵀ·u (backward of `logits` to `lin.x`). Returns the last Jᵀu, whose
-    norm is the estimate σ̂ of σ_max(J); with `create_graph` it is differentiable in the parameters
-    (u held constant)."""
-    v = v / per_sample_norm(v, keepdim=True)
-    for step in range(n_iter):
-        with torch.no_grad():
-            u = lin.jvp(v)
-            u = u / per_sample_norm(u, keepdim=True).clamp_min(1e-30)
-        last = step == n_iter - 1
-        (v,) = torch.autograd.grad(logits, lin.x, u, retain_graph=True, create_graph=create_graph and last)
-    return v
-
-
-def spectral_norm_estimate(
-    model: nn.Module, x: torch.Tensor, n_iter: int = 1, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """σ̂ of σ_max(J_i), J_i = ∂z_i/∂x_i, by `power_iteration` from v ~ N(0, I).
-    Returns shape (B,), detached."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        lin = Linearization.record(model, x)
-        v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        return per_sample_norm(power_iteration(lin, lin.frozen_logits(x), v, n_iter)).detach()
-
-
-def per_sample_norm(t: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
-    norms = t.flatten(1).norm(dim=1)
-    return norms.view(-1, *([1] * (t.dim() - 1))) if keepdim else norms

@@ -9,6 +9,7 @@ from torch import nn
 
 import robustbp.methods as methods
 from robustbp.layers import Normalize
+from robustbp.methods.linbp import relu_calls
 from robustbp.methods.tangent import image_tangents
 from robustbp.passes import NotLinearizable, UnsupportedModule
 
@@ -127,9 +128,11 @@ def _method(spec):
 @pytest.mark.parametrize("case", list(CASES))
 def test_gradient_matches_reference(case, architecture):
     spec, reference = CASES[case]
-    if case.startswith("linbp") and architecture == "mlp-smooth":
-        pytest.skip("no ReLU to linearize")
     model, x, y = build(architecture)
+    if case.startswith("linbp") and relu_calls(model, x) < spec["first"]:
+        with pytest.raises(ValueError, match="ReLU"):
+            _method(spec).backward(model, x, y)
+        return
     got, _ = method_grads(model, _method(spec), x, y)
     want = reference(reference_for(model, x, y))
     assert relative_error(got, want) <= TOLERANCE
@@ -327,31 +330,48 @@ def test_explicit_rules_agree_with_fallback():
         assert relative_error(explicit, general) <= 1e-10
 
 
-def test_unknown_module_with_parameters_is_named():
-    class Scale(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gain = nn.Parameter(torch.ones(1))
+def test_an_operation_without_forward_derivative_is_named():
+    """A custom autograd.Function without a jvp has no rule and no general route: one clear error
+    that names it, from every method that replays the network linearly."""
 
-        def forward(self, x):
-            return x * self.gain
+    class Cube(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x ** 3
 
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), Scale())
-    with pytest.raises(UnsupportedModule, match="Scale"):
-        methods.get("loss-ibp").backward(model, torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2]))
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 3 * x ** 2 * grad
 
-
-def test_functional_nonlinearity_is_detected():
-    class Hidden(nn.Module):
+    class Custom(nn.Module):
         def __init__(self):
             super().__init__()
             self.first, self.second = nn.Linear(16, 8), nn.Linear(8, 4)
 
         def forward(self, x):
-            return self.second(torch.relu(self.first(x.flatten(1))))
+            return self.second(Cube.apply(self.first(x.flatten(1))))
 
-    with pytest.raises(NotLinearizable, match="outside of a module"):
-        methods.get("loss-ibp").backward(Hidden(), torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2]))
+    x, y = torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2])
+    for name in ("loss-ibp", "fast-tangent-prop", "jacobian-spectral"):
+        with pytest.raises(NotLinearizable, match="Cube"):
+            methods.get(name).backward(Custom(), x, y)
+
+
+def test_in_place_write_into_an_activation_is_refused():
+    class Overwrite(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(16, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.first(x.flatten(1))
+            h[:, 0] = 0.0
+            return self.second(h)
+
+    with pytest.raises(NotLinearizable, match="__setitem__"):
+        methods.get("loss-ibp").backward(Overwrite(), torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2]))
 
 
 @pytest.mark.parametrize("architecture", ["batchnorm", "residual", "dropout"])
@@ -364,9 +384,8 @@ def test_gradient_matches_reference_in_eval_mode(case, architecture):
     assert relative_error(got, reference(reference_for(model, x, y))) <= TOLERANCE
 
 
-def test_methods_without_a_linearized_pass_accept_functional_nonlinearities():
-    """double-backprop and jacobian-frobenius need no linearized replay, so a forward that calls
-    torch.relu directly is fine for them; the check fires only where the replay is used."""
+def test_functional_nonlinearities_in_forward():
+    """torch.relu called in forward is an operation like nn.ReLU: every method follows it."""
 
     class Functional(nn.Module):
         def __init__(self):
@@ -380,14 +399,12 @@ def test_methods_without_a_linearized_pass_accept_functional_nonlinearities():
     model = Functional().double()
     x = torch.rand(5, 1, 4, 4, dtype=torch.float64)
     y = torch.randint(0, 4, (5,))
-    got, _ = method_grads(model, methods.get("double-backprop", beta=0.5, p=2), x, y)
-    reference = reference_for(model, x, y)
-    losses = reference.per_sample_loss(reference.model(reference.x))
-    g = torch.autograd.grad(losses.sum(), reference.x, create_graph=True)[0]
-    want = reference.grad(losses.mean() + 0.5 * (g.flatten(1) ** 2).sum(1).mean() / 2)
-    assert relative_error(got, want) <= TOLERANCE
-    with pytest.raises(NotLinearizable):
-        methods.get("loss-ibp").backward(model, x, y)
+    for name, reference in (("loss-ibp-p2", lambda r: r.loss_ibp(0.7, 2)),
+                            ("double-backprop-p2", lambda r: r.double_backprop(0.7, 2)),
+                            ("prediction-ibp-sign", lambda r: r.prediction_ibp(0.2, "sign"))):
+        spec, _ = CASES[name]
+        got, _ = method_grads(model, _method(spec), x, y)
+        assert relative_error(got, reference(reference_for(model, x, y))) <= TOLERANCE
 
 
 class TorchvisionBasicBlock(nn.Module):

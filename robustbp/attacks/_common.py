@@ -119,14 +119,3 @@ def preserved_parameter_grads(model: nn.Module) -> Iterator[None]:
         for p, requires_grad, grad in saved:
             p.requires_grad_(requires_grad)
             p.grad = grad
-
-
-def linbp_backward(model: nn.Module, first: int):
-    """The core's `robustbp.passes.linbp_backward`, imported only when LinBP is asked for."""
-    try:
-        from robustbp.passes import linbp_backward as core_linbp_backward
-    except ImportError as error:  # the core module may not have landed yet
-        raise MissingDependency(
-            "gradient='linbp' needs robustbp.passes.linbp_backward, which could not be imported: " f"{error}"
-        ) from error
-    return core_linbp_backward(model, first=first)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from robustbp.methods.linbp import linbp_backward
 from robustbp.attacks._common import (
     check_attack_inputs,
     check_choice,
@@ -26,7 +27,6 @@ from robustbp.attacks._common import (
     check_nonnegative,
     check_positive_int,
     MissingDependency,
-    linbp_backward,
     preserved_mode,
     preserved_parameter_grads,
 )
@@ -88,7 +88,7 @@ def art_classifier(model: nn.Module, x: torch.Tensor, n_classes: int | None = No
 
 def _use_linbp_gradients(estimator, model: nn.Module, first: int) -> None:
     """Make this estimator's loss gradients LinBP gradients: each call runs its forward and
-    backward pass inside `robustbp.passes.linbp_backward(model, first)`."""
+    backward pass inside `robustbp.methods.linbp.linbp_backward(model, first)`."""
     library_loss_gradient = estimator.loss_gradient
 
     def loss_gradient(*args, **kwargs):

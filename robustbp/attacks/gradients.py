@@ -2,9 +2,9 @@
 
 LinBP (Guo et al. 2020; Li et al., *A Theoretical View of Linear Backpropagation*, §2, Eq. 7) keeps
 the forward pass and, in the backward pass, replaces the derivative of every ReLU from the
-`first`-th on (1-based, forward order) by 1. The rule lives in the core's
-`robustbp.passes.linbp_backward(model, first)`; this module only runs a forward and a backward
-pass inside it.
+`first`-th on (1-based, forward order) by 1. The rule lives in
+`robustbp.methods.linbp.linbp_backward(model, first)`; this module only runs a forward and a
+backward pass inside it.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbp.attacks._common import check_gradient, check_images, check_labels, linbp_backward
+from robustbp.attacks._common import check_gradient, check_images, check_labels
+from robustbp.methods.linbp import linbp_backward
 
 LOSSES = ("ce", "kl")
 
@@ -31,22 +32,18 @@ def per_sample_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> to
     raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(map(repr, LOSSES))}")
 
 
-def has_relu(model: nn.Module) -> bool:
-    return any(isinstance(module, nn.ReLU) for module in model.modules())
-
-
 def loss_and_gradient(
     model: nn.Module, x: torch.Tensor, target: torch.Tensor, loss: str = "ce", gradient: str = "bp", first: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss (B,) and ∇ₓ of the summed loss (shape of x), without validation.
 
     Only the input gets a gradient: parameters' `.grad` are not touched, and the model's
-    train/eval mode is used as given. A model without nn.ReLU modules has nothing for LinBP to
-    linearize, so there gradient="linbp" is BP.
+    train/eval mode is used as given. gradient="linbp" on a model that applies no ReLU raises
+    ValueError (LinBP would be BP).
     """
     x_var = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        if gradient == "linbp" and has_relu(model):
+        if gradient == "linbp":
             with linbp_backward(model, first):
                 losses = per_sample_loss(model(x_var), target, loss)
                 (grad,) = torch.autograd.grad(losses.sum(), x_var)

@@ -3,7 +3,7 @@
 Three ways to get σ_max(J(x)), J(x) = ∂f(x)/∂x ∈ R^{C×d} for one sample:
   exact     the full per-sample Jacobian by torch.func.jacrev (vmapped over the batch), then
             torch.linalg.matrix_norm(J, ord=2) (App. A.3: "the analytical method");
-  estimate  power iteration through the linearized network, `robustbp.passes.spectral_norm_estimate`
+  estimate  power iteration through the linearized network, `robustbp.power_iteration.spectral_norm_estimate`
             (Alg. 1): v ~ N(0, I)/‖·‖; n_iter times u = Jv/‖Jv‖, v = Jᵀu; σ̂ = ‖Jᵀu‖ ≤ σ_max;
   bound     ∏_l ‖W_l‖₂ over the model's linear layers (Yoshida & Miyato 2017; the paper's
             Spectral-Bound), see `spectral_norm_bound`.
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from robustbp.power_iteration import spectral_norm_estimate
 
 from robustbp.attacks._common import check_images, check_positive_int
 from robustbp.layers import Normalize
@@ -75,10 +77,6 @@ def spectral_norm_bound(model: nn.Module) -> float:
 
 
 def _estimate(model: nn.Module, x: torch.Tensor, n_iter: int, generator: torch.Generator | None) -> torch.Tensor:
-    try:
-        from robustbp.passes import spectral_norm_estimate
-    except ImportError as error:
-        raise ImportError(f"the spectral suite needs robustbp.passes.spectral_norm_estimate: {error}") from error
     return spectral_norm_estimate(model, x, n_iter, generator=generator)
 
 

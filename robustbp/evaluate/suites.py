@@ -36,7 +36,8 @@ from torch import nn
 
 from robustbp.attacks._common import MissingDependency, check_images, check_labels, eval_mode
 from robustbp.attacks.art_adapter import apgd, require_art, square
-from robustbp.attacks.gradients import gradient_health, has_relu
+from robustbp.attacks.gradients import gradient_health
+from robustbp.methods.linbp import relu_calls
 from robustbp.attacks.gradient_attacks import pgd_checkpoints
 from robustbp.evaluate import checks
 from robustbp.evaluate.boundary import boundary_distance
@@ -279,6 +280,14 @@ def _run_pgd(run: _Run) -> dict:
     return {"settings": settings, "models": models, "warnings": warnings}
 
 
+def _gradients(name: str, entry: dict, warnings: list) -> tuple[str, ...]:
+    """("bp", "linbp"), or ("bp",) with a warning for a model that applies no ReLU."""
+    if entry["has_relu"]:
+        return ("bp", "linbp")
+    warnings.append(f"{name}: the model applies no ReLU, so LinBP would be plain BP; only BP is reported")
+    return ("bp",)
+
+
 def _run_linbp(run: _Run) -> dict:
     s = run.settings
     steps, eps_values = list(s.linbp_steps), list(s.linbp_eps)
@@ -286,8 +295,8 @@ def _run_linbp(run: _Run) -> dict:
     for name, model in run.models.items():
         health, health_warnings = run.gradient_health(name)
         warnings += health_warnings
-        entry = {"gradient_health": health, "has_relu": has_relu(model)}
-        for gradient in ("bp", "linbp"):
+        entry = {"gradient_health": health, "has_relu": relu_calls(model, run.x[:1]) > 0}
+        for gradient in _gradients(name, entry, warnings):
             label = "PGD-BP" if gradient == "bp" else f"PGD-LinBP(first={s.linbp_first})"
             table = []  # table[i][j]: success rate at eps_values[i], steps[j]
             for eps in eps_values:
@@ -335,8 +344,8 @@ def _run_apgd(run: _Run) -> dict:
     for name, model in run.models.items():
         health, health_warnings = run.gradient_health(name)
         warnings += health_warnings
-        entry = {"gradient_health": health, "has_relu": has_relu(model)}
-        for gradient in ("bp", "linbp"):
+        entry = {"gradient_health": health, "has_relu": relu_calls(model, run.x[:1]) > 0}
+        for gradient in _gradients(name, entry, warnings):
             rates = []
             for eps in eps_values:
                 x_adv = apgd(model, run.x, run.y, eps, s.apgd_steps, "linf", s.apgd_restarts, "ce", gradient,
@@ -638,14 +647,6 @@ def _validate(models, images, labels, suites, out_dir, seed) -> list[str]:
         raise ValueError(f"the square suite needs images of shape (N, C, H, W), got {tuple(images.shape)}")
     if {"square", "apgd"} & set(suites):
         require_art()
-    needs = {"linbp": "linbp_backward", "apgd": "linbp_backward", "spectral": "spectral_norm_estimate"}
-    for suite, function in needs.items():
-        if suite in suites:
-            try:
-                passes = __import__("robustbp.passes", fromlist=[function])
-                getattr(passes, function)
-            except (ImportError, AttributeError) as error:
-                raise MissingDependency(f"the {suite} suite needs robustbp.passes.{function}: {error}") from error
     n_classes_needed = int(labels.max()) + 1
     for name, model in models.items():
         try:

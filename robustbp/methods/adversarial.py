@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, accumulate_grads, check_nonnegative, parameter_grads, register
+from .base import Method, check_nonnegative, deliver, register
 
 
 @register("adversarial")
@@ -41,22 +41,16 @@ class Adversarial(Method):
         x = x.detach().requires_grad_(True)
         clean_loss = self.per_sample_loss(model(x), y).mean()
         weight_of_clean = self.alpha if self.variant == "original" else 0.0
-        clean_grads: list = []
-        if weight_of_clean > 0:
-            grads = torch.autograd.grad(clean_loss, [x] + params, allow_unused=True)
-            clean_grads = [(param, None if grad is None else weight_of_clean * grad)
-                           for param, grad in zip(params, grads[1:])]
-            input_grad = grads[0]
-        else:
-            (input_grad,) = torch.autograd.grad(clean_loss, x)
+        (input_grad,) = torch.autograd.grad(clean_loss, x, retain_graph=weight_of_clean > 0)
         step = input_grad.sign() if self.norm == "sign" else input_grad * x.shape[0]
         adversarial_x = (x + self.eps * step).detach()
         if self.clip is not None:
             adversarial_x = adversarial_x.clamp(*self.clip)
         adversarial_loss = self.per_sample_loss(model(adversarial_x), y).mean()
-        objective = weight_of_clean * clean_loss.detach() + (1 - weight_of_clean) * adversarial_loss
-        adversarial_grads = parameter_grads((1 - weight_of_clean) * adversarial_loss, params)
-        accumulate_grads(clean_grads + list(zip(params, adversarial_grads)))
+        objective = (1 - weight_of_clean) * adversarial_loss
+        if weight_of_clean > 0:
+            objective = objective + weight_of_clean * clean_loss
+        deliver(params, [(objective, None)])
         return clean_loss.item(), objective.item() - clean_loss.item()
 
 

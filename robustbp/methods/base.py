@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,6 +42,9 @@ class Method:
     """
 
     name: str = ""
+    # The method differentiates through its own gradient: attention then runs on PyTorch's math
+    # kernel, since the fused CPU kernel has no double backward.
+    differentiates_twice: bool = False
 
     def __init__(self, loss_fn: LossFn | None = None):
         self.loss_fn = loss_fn or cross_entropy_per_sample
@@ -48,7 +52,11 @@ class Method:
     def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         params = trainable_parameters(model)
         check_batch(x, y)
-        main, reg = self._backward(model, x, y, params)
+        if self.differentiates_twice:
+            with sdpa_kernel(SDPBackend.MATH):
+                main, reg = self._backward(model, x, y, params)
+        else:
+            main, reg = self._backward(model, x, y, params)
         return StepStats(loss=main + reg, main_loss=main, reg_loss=reg)
 
     def _backward(self, model, x, y, params) -> tuple[float, float]:
@@ -105,27 +113,28 @@ def check_nonnegative(name: str, **values: float) -> None:
             raise ValueError(f"{name}: {key} must be a non-negative number, got {value}")
 
 
-def parameter_grads(objective: torch.Tensor, params: list, retain_graph: bool = False) -> list:
-    """∂objective/∂θ for each parameter (None where it does not depend on it), without touching .grad."""
-    return list(torch.autograd.grad(objective, params, retain_graph=retain_graph, allow_unused=True))
-
-
-def accumulate_grads(pairs) -> None:
-    """param.grad += grad for each (param, grad) pair, through autograd's AccumulateGrad, so that
-    gradient hooks (DistributedDataParallel's all-reduce, a user's clipping hook) see these
-    gradients as they see those of loss.backward(). A grad of None is skipped.
-    One call per training step: DistributedDataParallel reduces each parameter once per backward.
-    Pairs of the same parameter are summed first."""
+def deliver(params: list, terms) -> None:
+    """Add every gradient of one step to `.grad` in ONE autograd call, so each parameter's gradient
+    reaches `.grad` once, through autograd's AccumulateGrad: tensor hooks (a user's clipping hook)
+    fire once per parameter per step and DistributedDataParallel all-reduces once, as with
+    `loss.backward()`. Each term is (tensor, grad): a scalar objective with grad None, or a tensor
+    the forward used (a weight, possibly an expression of parameters) with a hand-formed gradient.
+    Terms of the same tensor are summed first; terms with grad None on a non-scalar are skipped."""
     totals: dict[int, list] = {}
-    for param, grad in pairs:
-        if grad is not None:
-            if id(param) in totals:
-                totals[id(param)][1] = totals[id(param)][1] + grad.detach()
-            else:
-                totals[id(param)] = [param, grad.detach()]
+    for tensor, grad in terms:
+        if grad is None:
+            if tensor.dim() != 0:
+                continue
+            grad = torch.ones_like(tensor)
+        if not tensor.requires_grad:
+            continue
+        if id(tensor) in totals:
+            totals[id(tensor)][1] = totals[id(tensor)][1] + grad.detach()
+        else:
+            totals[id(tensor)] = [tensor, grad.detach()]
     if totals:
-        params, grads = zip(*totals.values())
-        torch.autograd.backward(params, grads)
+        tensors, grads = zip(*totals.values())
+        torch.autograd.backward(tensors, grads, inputs=params)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

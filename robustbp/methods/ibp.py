@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..passes import Linearization, bias_gradient, weight_gradient
-from .base import Method, accumulate_grads, check_nonnegative, parameter_grads, register
+from .base import Method, check_nonnegative, deliver, register
 
 
 def invariant_backward(
@@ -20,69 +20,77 @@ def invariant_backward(
     params: list,
     penalty_of_input_grad: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[float, float]:
-    """The three-pass gradient of L + R(g), g_i = ∇_{x_i} ℓ_i, with ∂ℓ/∂z and every activation
-    derivative held constant (IBP paper Alg. 1).
+    """The gradient of L + R(g), g_i = ∇_{x_i} ℓ_i, with ∂ℓ/∂z and the derivative of every
+    nonlinear operation held at the recorded point (IBP paper Alg. 1).
 
-    1. forward z = f(x), recording masks, pooling positions and each weight layer's input x_{l-1};
-    2. backward from L: the signals dy_l = ∂L/∂y_l at every weight layer and g (no weight
-       gradients; the biases' gradients are sums of dy_l, formed here rather than by autograd,
-       whose convolution backward costs twice as much when asked for the bias);
-    3. linearized forward of h = B·∂R/∂g (no biases, the recorded masks), giving tangents x̃_{l-1};
-    then each weight gets dy_lᵀ·(x_{l-1} + x̃_{l-1}): the main-loss and the penalty gradient in
-    one product, since both use the same backward signals. Biases get no penalty gradient.
     Why this is the gradient: R depends on θ through g_i = J_iᵀ δ_i, so with δ and the derivatives
-    held constant ∇_θ R = ∇_θ Σ_i (δ_i/B)ᵀ J_i(θ) h_i, a bilinear form whose weight gradient is
-    the backward signal of δ/B times the forward signal of h.
+    held constant ∇_θ R = ∇_θ Σ_i (δ_i/B)ᵀ J_i(θ) h_i with h = B·∂R/∂g, a bilinear form: the
+    backward signal of δ/B times the forward signal of h through the linearized network.
+
+    Fast path (the paper's three passes), when parameters enter the network only as weights and
+    biases of linear, convolution and BatchNorm operations:
+    1. forward z = f(x), recording masks, pooling positions and each weight operation's input a_l;
+    2. backward from L: the signals dy_l = ∂L/∂y_l at every weight operation and g (no parameter
+       gradients; the biases' are sums of dy_l);
+    3. linearized forward of h (no biases, the recorded masks), giving tangents ã_l;
+    then each weight gets dy_lᵀ·(a_l + ã_l): the main-loss and the penalty gradient in one product.
+    Otherwise (a parameter used elsewhere: a LayerScale γ, LayerNorm's affine, a positional
+    embedding, attention's in-projection) the penalty's gradient is that of ⟨δ/B, J(θ)·h⟩ by
+    autograd through the linearized replay, which keeps every parameter live.
 
     When BatchNorm normalizes with the batch's statistics, the penalty uses them held constant:
     the main loss then backpropagates on its own and steps 2–3 run on the frozen network.
+    Every gradient reaches `.grad` in one autograd call (`deliver`).
     """
     batch = x.shape[0]
     x = x.detach().requires_grad_(True)
     lin = Linearization.record(model, x, capture_weights=True)
     main_loss = method.per_sample_loss(lin.logits, y).mean()
-    captured = {id(call.module.weight) for call in lin.tape.weight_calls}
-    captured_biases = {
-        id(call.module.bias): call.module.bias for call in lin.tape.weight_calls
-        if call.module.bias is not None and call.module.bias.requires_grad
-    }
+    if not lin.tape.fusable:
+        return _invariant_backward_general(method, lin, main_loss, x, y, params, penalty_of_input_grad)
 
     if lin.tape.batch_coupled:
-        computed = list(zip(params, parameter_grads(main_loss, params)))
         calls: list = []
         penalty_loss = method.per_sample_loss(lin.frozen_logits(x, weight_calls=calls), y).mean()
-        grads = torch.autograd.grad(
-            penalty_loss, [x] + [c.output_edge for c in calls], allow_unused=True, materialize_grads=True
-        )
-        fused = False
+        terms = [(main_loss, None)]
     else:
-        calls = lin.tape.weight_calls
-        others = [p for p in params if id(p) not in captured and id(p) not in captured_biases]
-        grads = torch.autograd.grad(
-            main_loss, [x] + [c.output_edge for c in calls] + others, allow_unused=True, materialize_grads=True
-        )
-        computed = list(zip(others, grads[1 + len(calls):]))
-        bias_grads: dict[int, torch.Tensor] = {}
-        for call, output_grad in zip(calls, grads[1:1 + len(calls)]):
-            bias = call.module.bias
-            if bias is not None and id(bias) in captured_biases:
-                bias_grads[id(bias)] = bias_grads.get(id(bias), 0) + bias_gradient(call, output_grad)
-        computed += [(captured_biases[key], grad) for key, grad in bias_grads.items()]
-        fused = True
+        calls, penalty_loss, terms = lin.tape.weight_calls, main_loss, []
+    grads = torch.autograd.grad(penalty_loss, [x] + [c.output_edge for c in calls], materialize_grads=True)
+    output_grads = grads[1:]
+    if not lin.tape.batch_coupled:
+        terms += [(call.bias, bias_gradient(call, dy)) for call, dy in zip(calls, output_grads)
+                  if call.bias is not None]
 
     input_grad = (grads[0] * batch).detach().requires_grad_(True)
-    with torch.enable_grad():
-        reg_loss = penalty_of_input_grad(input_grad, x.detach())
-        (dreg_dg,) = torch.autograd.grad(reg_loss, input_grad)
+    reg_loss, dreg_dg = _penalty_and_direction(penalty_of_input_grad, input_grad, x)
     tangents: list = []
     with torch.no_grad():
         lin.jvp(dreg_dg * batch, tangent_inputs=tangents)
-        weight_grads: dict[int, torch.Tensor] = {}
-        for call, output_grad, tangent in zip(calls, grads[1:1 + len(calls)], tangents):
-            inputs = call.input.detach() + tangent if fused else tangent
-            key = id(call.module.weight)
-            weight_grads[key] = weight_grads.get(key, 0) + weight_gradient(call, inputs, output_grad)
-    accumulate_grads(computed + [(param, weight_grads.get(id(param))) for param in params])
+        for call, dy, tangent in zip(calls, output_grads, tangents):
+            if call.weight is not None and call.weight.requires_grad:
+                inputs = tangent if lin.tape.batch_coupled else call.input + tangent
+                terms.append((call.weight, weight_gradient(call, inputs, dy)))
+    deliver(params, terms)
+    return main_loss.item(), reg_loss.item()
+
+
+def _penalty_and_direction(penalty_of_input_grad, input_grad, x):
+    with torch.enable_grad():
+        reg_loss = penalty_of_input_grad(input_grad, x.detach())
+        (dreg_dg,) = torch.autograd.grad(reg_loss, input_grad)
+    return reg_loss, dreg_dg
+
+
+def _invariant_backward_general(method, lin, main_loss, x, y, params, penalty_of_input_grad):
+    """The general route of `invariant_backward`: L + ⟨δ/B, J(θ)·h⟩ with δ and h held, one backward."""
+    batch = x.shape[0]
+    penalty_logits = lin.frozen_logits(x)
+    penalty_loss = method.per_sample_loss(penalty_logits, y).mean()
+    dloss_dlogits, input_grad = torch.autograd.grad(penalty_loss, [penalty_logits, x], retain_graph=True)
+    input_grad = (input_grad * batch).detach().requires_grad_(True)
+    reg_loss, dreg_dg = _penalty_and_direction(penalty_of_input_grad, input_grad, x)
+    penalty_surrogate = (dloss_dlogits.detach() * lin.jvp(dreg_dg * batch)).sum()
+    deliver(params, [(main_loss + penalty_surrogate, None)])
     return main_loss.item(), reg_loss.item()
 
 
@@ -107,7 +115,9 @@ class LossIBP(Method):
     """Loss IBP (Invariant BP): L + β·(1/B) Σ_i (1/p)‖g_i‖_p^p, p ∈ {1, 2}.
 
     Gradient: the paper's three passes (IBP paper Alg. 1, §7.1; see `invariant_backward`), i.e.
-    ∇_θ of the penalty with ∂ℓ_i/∂z_i and every activation derivative held constant; p = 1
+    ∇_θ of the penalty with ∂ℓ_i/∂z_i and the derivative of every nonlinear operation (activations,
+    LayerNorm's and GroupNorm's normalization, attention's softmax) held at the recorded point,
+    parameters live; BatchNorm batch statistics and dropout masks held too; p = 1
     propagates sign(g) through the linearized network, p = 2 propagates g. Biases get no
     penalty gradient. For networks of ReLU, max-pooling and dropout this is the exact gradient
     except for the loss layer's curvature (compare `double-backprop`).
@@ -126,7 +136,10 @@ class LossIBP(Method):
 class DoubleBackprop(Method):
     """Double backpropagation (Drucker & LeCun 1992): the objective of Loss IBP,
     L + β·(1/B) Σ_i (1/p)‖g_i‖_p^p, with its exact gradient by autograd (create_graph), the
-    loss layer's curvature ∂²ℓ/∂z² included. BatchNorm statistics are held constant in g."""
+    loss layer's curvature ∂²ℓ/∂z² and every second derivative included. Holds constant only the
+    BatchNorm batch statistics in g (so that the penalty is per sample) and the dropout masks."""
+
+    differentiates_twice = True
 
     def __init__(self, beta: float = 0.01, p: int = 1, loss_fn=None):
         super().__init__(loss_fn)
@@ -148,7 +161,7 @@ def jacobian_vector_product(lin: Linearization, penalty_logits: torch.Tensor, x:
     """J·v, differentiable with respect to the parameters, exactly.
 
     For networks whose nonlinearities are piecewise linear (ReLU, max-pooling, dropout) the
-    linearized forward pass is exact and cheap. Otherwise J·v comes from the double-vjp identity
+    linearized forward pass is exact in θ as well, and cheap. Otherwise J·v comes from the double-vjp identity
     J·v = ∂/∂u ⟨Jᵀu, v⟩ through autograd, which keeps every second-order term. `v` may stack
     k tangents per sample (rows t·B + i).
     """
@@ -164,24 +177,22 @@ def jacobian_vector_product(lin: Linearization, penalty_logits: torch.Tensor, x:
     return torch.cat(products)
 
 
-def main_grads_and_input_grad(method, lin, x, y, params) -> tuple[torch.Tensor, list, torch.Tensor]:
-    """(L, ∂L/∂θ as (param, grad) pairs, per-sample g) with the penalty's convention for g (batch
-    statistics held constant), in one backward pass where possible; the recorded graph is kept."""
-    main_loss = method.per_sample_loss(lin.logits, y).mean()
-    if lin.tape.batch_coupled:
-        main_grads = parameter_grads(main_loss, params, retain_graph=True)
-        penalty_losses = method.per_sample_loss(lin.frozen_logits(x), y)
-        (input_grad,) = torch.autograd.grad(penalty_losses.sum(), x, retain_graph=True)
-        return main_loss, list(zip(params, main_grads)), input_grad
-    grads = torch.autograd.grad(main_loss, [x] + params, retain_graph=True, allow_unused=True)
-    return main_loss, list(zip(params, grads[1:])), grads[0] * x.shape[0]
+def penalty_input_grad(method, lin, x, y) -> torch.Tensor:
+    """Per-sample g_i = ∇_{x_i} ℓ_i on the penalty's network (batch statistics held constant),
+    by a backward to x alone (no parameter gradients); the recorded graph is kept."""
+    penalty_losses = method.per_sample_loss(lin.frozen_logits(x), y)
+    (input_grad,) = torch.autograd.grad(penalty_losses.sum(), x, retain_graph=True)
+    return input_grad
 
 
 @register("prediction-ibp")
 class PredictionIBP(Method):
     """Prediction IBP (ibp-loss-and-prediction.txt): L + β·(1/B) Σ_i ½‖J_z(x_i)·v_i‖², with
     v_i = sign(g_i) (`direction="sign"`) or g_i (`direction="grad"`) held constant, and the
-    exact gradient of the penalty."""
+    exact gradient of the penalty (every second derivative included; BatchNorm statistics and
+    dropout masks held)."""
+
+    differentiates_twice = True
 
     def __init__(self, beta: float = 0.01, direction: str = "sign", loss_fn=None):
         super().__init__(loss_fn)
@@ -193,9 +204,10 @@ class PredictionIBP(Method):
     def _backward(self, model, x, y, params):
         x = x.detach().requires_grad_(True)
         lin = Linearization.record(model, x)
-        main_loss, main_grads, input_grad = main_grads_and_input_grad(self, lin, x, y, params)
+        main_loss = self.per_sample_loss(lin.logits, y).mean()
+        input_grad = penalty_input_grad(self, lin, x, y)
         direction = input_grad.sign() if self.direction == "sign" else input_grad
         jv = jacobian_vector_product(lin, lin.frozen_logits(x), x, direction.detach())
         reg_loss = self.beta * 0.5 * jv.pow(2).flatten(1).sum(1).mean()
-        accumulate_grads(main_grads + list(zip(params, parameter_grads(reg_loss, params))))
+        deliver(params, [(main_loss + reg_loss, None)])
         return main_loss.item(), reg_loss.item()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..passes import Linearization, per_sample_norm, power_iteration
+from ..passes import Linearization
+from ..power_iteration import per_sample_norm, power_iteration
 from .base import Method, check_nonnegative, register
 
 
@@ -22,8 +23,11 @@ class JacobianFrobenius(Method):
 
     v_j is drawn uniformly on the unit sphere of R^C, independently per sample and projection;
     `n_proj=-1` uses the C basis vectors instead, giving the exact ‖J_z(x_i)‖_F². Exact gradient
-    by double backpropagation. Draws from torch's global generator.
+    by double backpropagation (BatchNorm statistics and dropout masks held). Draws from torch's
+    global generator.
     """
+
+    differentiates_twice = True
 
     def __init__(self, beta: float = 0.01, n_proj: int = 1, loss_fn=None):
         super().__init__(loss_fn)
@@ -58,8 +62,11 @@ class JacobianSpectral(Method):
     Alg. 1): v ~ N(0, I), normalized per sample; repeat n_iter times: u = J·v (linearized forward:
     no biases, the recorded activation pattern), u ← u/‖u‖, v = Jᵀ·u (backward); σ̂ = ‖Jᵀu‖.
     The gradient is that of ‖Jᵀu‖ with u held constant (double backpropagation through the last
-    Jᵀu). Draws from torch's global generator.
+    Jᵀu); J·v is exact whatever the network, since the replay is taken at the recorded point.
+    Draws from torch's global generator.
     """
+
+    differentiates_twice = True
 
     def __init__(self, beta: float = 0.01, n_iter: int = 1, loss_fn=None):
         super().__init__(loss_fn)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..passes import Linearization
-from .base import Method, accumulate_grads, check_nonnegative, parameter_grads, register
+from .base import Method, check_nonnegative, deliver, register
 from .ibp import invariant_backward, jacobian_vector_product
 
 TangentFn = Callable[[torch.Tensor], torch.Tensor]
@@ -77,8 +77,11 @@ class TangentProp(TangentMethod):
 
     The T tangents of the batch are stacked into one batch of T·B directions and pushed through
     the linearized network in a single pass (piecewise-linear networks), or through autograd's
-    double-vjp otherwise. `tangents` (optional) maps x to (B, T, ...) user tangents.
+    double-vjp otherwise (every second derivative included; BatchNorm statistics and dropout
+    masks held). `tangents` (optional) maps x to (B, T, ...) user tangents.
     """
+
+    differentiates_twice = True
 
     def __init__(self, beta: float = 0.01, sigma: float = 1.0, tangents: TangentFn | None = None, loss_fn=None):
         super().__init__(beta, sigma, tangents, loss_fn)
@@ -88,18 +91,17 @@ class TangentProp(TangentMethod):
         x = x.detach().requires_grad_(True)
         lin = Linearization.record(model, x)
         main_loss = self.per_sample_loss(lin.logits, y).mean()
-        main_grads = parameter_grads(main_loss, params, retain_graph=True)
         stacked = tangents.transpose(0, 1).reshape(-1, *x.shape[1:])
         jt = jacobian_vector_product(lin, lin.frozen_logits(x), x, stacked)
         reg_loss = self.beta * 0.5 * jt.pow(2).sum() / x.shape[0]
-        accumulate_grads(list(zip(params, main_grads)) + list(zip(params, parameter_grads(reg_loss, params))))
+        deliver(params, [(main_loss + reg_loss, None)])
         return main_loss.item(), reg_loss.item()
 
 
 @register("fast-tangent-prop")
 class FastTangentProp(TangentMethod):
     """Fast Tangent BP (ibp-loss-and-prediction.txt): L + β·(1/B) Σ_i ½ Σ_t (g_i·t_i)², with the
-    IBP-style gradient: ∂ℓ/∂z and activation derivatives held constant, so one linearized
+    IBP-style gradient: ∂ℓ/∂z and the derivatives of nonlinear operations held constant, so one linearized
     forward pass of h_i = β Σ_t (g_i·t_i)·t_i, at the cost of Loss IBP."""
 
     def __init__(self, beta: float = 0.01, sigma: float = 1.0, tangents: TangentFn | None = None, loss_fn=None):
