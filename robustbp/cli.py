@@ -347,6 +347,13 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_layers(args: argparse.Namespace) -> int:
+    from robustbp.operations import layers_markdown
+
+    print(layers_markdown())
+    return 0
+
+
 def add_short(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short", action="store_true", help="names and sizes only, no descriptions")
 
@@ -444,6 +451,8 @@ COMMANDS: dict[str, Command] = {
     "methods": Command("list the training methods and their parameters", add_short, run_methods),
     "datasets": Command("list the datasets", add_short, run_datasets),
     "models": Command("list the models", add_short, run_models),
+    "layers": Command("the operations the linearized pass follows, and what each method holds constant",
+                      lambda parser: None, run_layers),
     "demo": Command("train three methods on mnist-5k and compare their robustness (under a minute on 2 idle CPU cores)",
                     add_demo_arguments, run_demo),
     "bench": Command("time one training step of each method side by side, and its ratio to standard",

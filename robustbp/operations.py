@@ -198,3 +198,17 @@ def table() -> list[tuple[str, str, str, str]]:
         "general": "jvp of the call at the recorded point",
     }
     return [(rule.name, rule.kind, what[rule.kind], rule.note) for rule in RULES]
+
+
+def layers_markdown() -> str:
+    """The rule table and what each method holds constant, as the README shows them
+    (`robustbp layers` prints it; a test keeps the README equal to it)."""
+    from .methods.base import available, method_class
+
+    lines = ["| operation | kind | linearized pass | note |", "|---|---|---|---|"]
+    lines += [f"| {name} | {kind} | {what} | {note} |" for name, kind, what, note in table()]
+    lines += ["| anything else | general | jvp of the call at the recorded point | "
+              "refused: random draws, writes in place, custom autograd.Function, torch.compile |", ""]
+    lines += ["| method | holds constant |", "|---|---|"]
+    lines += [f"| `{name}` | {method_class(name).holds_constant} |" for name in available()]
+    return "\n".join(lines)

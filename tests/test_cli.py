@@ -199,3 +199,14 @@ def test_ctrl_c_saves_then_resume_finishes(capsys, tmp_path, monkeypatch):
     code, out, err = run(capsys, "train", "--resume", "--out", str(run_dir), "--quiet")
     assert code == 0, err
     assert read_history(run_dir)["status"] == "complete" and (run_dir / "model.pt").is_file()
+
+
+def test_readme_shows_the_rule_table():
+    """The README's table of operations and of what each method holds constant is what
+    `robustbp layers` prints from the rule table, so it cannot drift from the code."""
+    from pathlib import Path
+
+    from robustbp.operations import layers_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert layers_markdown() in readme

@@ -8,6 +8,7 @@ from torch import nn
 
 from robustbp import models
 from robustbp.layers import Normalize
+from robustbp.passes import Linearization
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]  # MNIST-like, CIFAR/SVHN, scikit-learn digits
 ACTIVATION_TYPES = {"relu": nn.ReLU, "tanh": nn.Tanh, "logistic": nn.Sigmoid}
@@ -59,20 +60,20 @@ def test_min_image_size_is_exact(name):
 
 
 @pytest.mark.parametrize("name", models.available())
-def test_module_rules(name):
-    """Normalize first; only allowed modules; no in-place ReLU; each instance called exactly once."""
+def test_models_take_the_fast_path(name):
+    """Normalize first; every operation of the papers' models has an explicit rule (no general
+    route), and parameters enter only as weights and biases, so Loss IBP uses the fused passes."""
     model = models.get(name, in_channels=3, image_size=32, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
     modules = leaves(model)
     assert isinstance(modules[0], Normalize)
     assert torch.allclose(modules[0].mean.flatten(), torch.tensor([0.4, 0.5, 0.6]))
     assert torch.allclose(modules[0].std.flatten(), torch.tensor([0.2, 0.25, 0.3]))
-    for module in modules:
-        assert isinstance(module, models.ALLOWED_MODULES), f"{name}: {type(module).__name__} is not allowed"
-        assert not getattr(module, "inplace", False), f"{name}: {module} works in place"
-    calls = call_order(model, torch.rand(2, 3, 32, 32))
-    assert isinstance(calls[0], Normalize)
-    counts = {id(m): sum(c is m for c in calls) for m in modules}
-    assert all(n == 1 for n in counts.values()), f"{name}: a module is reused or unused: {counts}"
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    tape = Linearization.record(model, x, capture_weights=True).tape
+    assert tape.general_steps == [], f"{name}: operations without a rule: {tape.general_steps}"
+    assert tape.fusable and tape.stackable
+    captured = {id(call.weight) for call in tape.weight_calls} | {id(call.bias) for call in tape.weight_calls}
+    assert all(id(p) in captured for p in model.parameters())
 
 
 @pytest.mark.parametrize("name", models.available())

@@ -15,6 +15,8 @@ class Adversarial(Method):
     weight gradients (the IBP paper's Fast Adversarial Training, about 20% cheaper).
     """
 
+    holds_constant = "x* (the adversarial input is data)"
+
     def __init__(
         self,
         eps: float = 0.1,

@@ -42,6 +42,7 @@ class Method:
     """
 
     name: str = ""
+    holds_constant: str = "nothing (the exact gradient of its objective)"
     # The method differentiates through its own gradient: attention then runs on PyTorch's math
     # kernel, since the fused CPU kernel has no double backward.
     differentiates_twice: bool = False

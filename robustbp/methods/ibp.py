@@ -123,6 +123,8 @@ class LossIBP(Method):
     except for the loss layer's curvature (compare `double-backprop`).
     """
 
+    holds_constant = "∂ℓ/∂z, the derivative of every nonlinear operation at the recorded point (parameters inside an operation live), BatchNorm batch statistics, dropout masks"
+
     def __init__(self, beta: float = 0.01, p: int = 1, loss_fn=None):
         super().__init__(loss_fn)
         check_nonnegative(self.name, beta=beta)
@@ -138,6 +140,8 @@ class DoubleBackprop(Method):
     L + β·(1/B) Σ_i (1/p)‖g_i‖_p^p, with its exact gradient by autograd (create_graph), the
     loss layer's curvature ∂²ℓ/∂z² and every second derivative included. Holds constant only the
     BatchNorm batch statistics in g (so that the penalty is per sample) and the dropout masks."""
+
+    holds_constant = "BatchNorm batch statistics and dropout masks in g; otherwise exact (every second derivative)"
 
     differentiates_twice = True
 
@@ -191,6 +195,8 @@ class PredictionIBP(Method):
     v_i = sign(g_i) (`direction="sign"`) or g_i (`direction="grad"`) held constant, and the
     exact gradient of the penalty (every second derivative included; BatchNorm statistics and
     dropout masks held)."""
+
+    holds_constant = "v = sign(g) or g; BatchNorm batch statistics and dropout masks; otherwise exact"
 
     differentiates_twice = True
 

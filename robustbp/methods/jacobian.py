@@ -27,6 +27,8 @@ class JacobianFrobenius(Method):
     global generator.
     """
 
+    holds_constant = "the projections v; BatchNorm batch statistics and dropout masks; otherwise exact"
+
     differentiates_twice = True
 
     def __init__(self, beta: float = 0.01, n_proj: int = 1, loss_fn=None):
@@ -65,6 +67,8 @@ class JacobianSpectral(Method):
     Jᵀu); J·v is exact whatever the network, since the replay is taken at the recorded point.
     Draws from torch's global generator.
     """
+
+    holds_constant = "u (the power-iteration direction); BatchNorm batch statistics and dropout masks; otherwise exact"
 
     differentiates_twice = True
 

@@ -89,6 +89,8 @@ class LinBP(Method):
     """Backpropagate L with the derivative of every ReLU call from the `first`-th on (forward order,
     1-based; `first=1` means all) replaced by the identity; the forward pass is unchanged."""
 
+    holds_constant = "nothing; the backward replaces each linearized ReLU's derivative by 1"
+
     def __init__(self, first: int = 1, loss_fn=None):
         super().__init__(loss_fn)
         if int(first) != first or first < 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Method, check_nonnegative, register
+from .base import Method, check_nonnegative, deliver, register
 
 
 @register("standard")
@@ -13,15 +13,18 @@ class Standard(Method):
 
     def _backward(self, model, x, y, params):
         main_loss = self.per_sample_loss(model(x), y).mean()
-        torch.autograd.backward(main_loss, inputs=params)
+        deliver(params, [(main_loss, None)])
         return main_loss.item(), 0.0
 
 
-def layer_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable weights of the Linear and Conv2d layers: no biases, no normalization layers."""
-    return [
-        m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad
-    ]
+def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable weights of the Linear and convolution layers, by name ("fc1.weight"): no
+    biases, no normalization layers. A parametrized or pruned weight is the tensor the layer uses
+    (weight-norm, spectral-norm and pruning masks included), differentiable in its parameters."""
+    return {
+        f"{name}.weight" if name else "weight": m.weight for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.weight.requires_grad
+    }
 
 
 class WeightPenalty(Method):
@@ -32,23 +35,23 @@ class WeightPenalty(Method):
         check_nonnegative(self.name, beta=beta)
         self.beta = float(beta)
 
-    def weight_penalty(self, weights: list[torch.Tensor]) -> torch.Tensor:
+    def weight_penalty(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
     def _backward(self, model, x, y, params):
         main_loss = self.per_sample_loss(model(x), y).mean()
         weights = layer_weights(model)
         reg_loss = self.beta * self.weight_penalty(weights) if weights else main_loss.new_zeros(())
-        torch.autograd.backward(main_loss + reg_loss, inputs=params)
+        deliver(params, [(main_loss + reg_loss, None)])
         return main_loss.item(), reg_loss.item()
 
 
 @register("weight-decay")
 class WeightDecay(WeightPenalty):
-    """R = Σ_l ‖W_l‖², over the weights of Linear and Conv2d layers (spectral paper, baseline "L2")."""
+    """R = Σ_l ‖W_l‖², over the weights of Linear and convolution layers (spectral paper, baseline "L2")."""
 
     def weight_penalty(self, weights):
-        return sum(w.pow(2).sum() for w in weights)
+        return sum(w.pow(2).sum() for w in weights.values())
 
 
 @register("spectral-bound")
@@ -60,36 +63,37 @@ class SpectralBound(WeightPenalty):
     constant), σ = uᵀ W v and ∂σ/∂W = u vᵀ. Not averaged over the batch.
     """
 
+    holds_constant = "the singular-vector estimates u, v of each weight"
+
     def __init__(self, beta: float = 1e-4, n_iter: int = 1, loss_fn=None):
         super().__init__(beta, loss_fn)
         if int(n_iter) != n_iter or n_iter < 1:
             raise ValueError(f"spectral-bound: n_iter must be an integer ≥ 1, got {n_iter}")
         self.n_iter = int(n_iter)
-        self._left_vectors: dict[int, torch.Tensor] = {}  # id(weight) -> u
+        self._left_vectors: dict[str, torch.Tensor] = {}  # weight name ("fc1.weight") -> u
 
     def weight_penalty(self, weights):
-        return sum(self.largest_singular_value(w) ** 2 for w in weights)
+        return sum(self.largest_singular_value(name, w) ** 2 for name, w in weights.items())
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The persistent left singular vectors, by the weight's parameter name (for checkpoints)."""
-        return {name: self._left_vectors[id(p)].clone() for name, p in model.named_parameters()
-                if id(p) in self._left_vectors}
+        """The persistent left singular vectors, by the weight's name (for checkpoints)."""
+        return {name: u.clone() for name, u in self._left_vectors.items()}
 
     def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        parameters = dict(model.named_parameters())
-        unknown = sorted(set(state) - set(parameters))
+        weights = layer_weights(model)
+        unknown = sorted(set(state) - set(weights))
         if unknown:
-            raise ValueError(f"spectral-bound: saved vectors for parameters the model does not have: {unknown}")
-        self._left_vectors = {id(parameters[name]): u.to(parameters[name].device) for name, u in state.items()}
+            raise ValueError(f"spectral-bound: saved vectors for weights the model does not have: {unknown}")
+        self._left_vectors = {name: u.to(weights[name].device) for name, u in state.items()}
 
-    def largest_singular_value(self, weight: torch.Tensor) -> torch.Tensor:
+    def largest_singular_value(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         matrix = weight.reshape(weight.shape[0], -1)
         with torch.no_grad():
-            u = self._left_vectors.get(id(weight))
+            u = self._left_vectors.get(name)
             if u is None or u.shape[0] != matrix.shape[0]:
                 u = torch.nn.functional.normalize(torch.randn_like(matrix[:, 0]), dim=0)
             for _ in range(self.n_iter):
                 v = torch.nn.functional.normalize(matrix.T @ u, dim=0)
                 u = torch.nn.functional.normalize(matrix @ v, dim=0)
-            self._left_vectors[id(weight)] = u
+            self._left_vectors[name] = u
         return u @ matrix @ v

@@ -81,6 +81,8 @@ class TangentProp(TangentMethod):
     masks held). `tangents` (optional) maps x to (B, T, ...) user tangents.
     """
 
+    holds_constant = "the tangent vectors; BatchNorm batch statistics and dropout masks; otherwise exact"
+
     differentiates_twice = True
 
     def __init__(self, beta: float = 0.01, sigma: float = 1.0, tangents: TangentFn | None = None, loss_fn=None):
@@ -103,6 +105,8 @@ class FastTangentProp(TangentMethod):
     """Fast Tangent BP (ibp-loss-and-prediction.txt): L + β·(1/B) Σ_i ½ Σ_t (g_i·t_i)², with the
     IBP-style gradient: ∂ℓ/∂z and the derivatives of nonlinear operations held constant, so one linearized
     forward pass of h_i = β Σ_t (g_i·t_i)·t_i, at the cost of Loss IBP."""
+
+    holds_constant = "the tangent vectors, ∂ℓ/∂z and the derivatives of nonlinear operations, as loss-ibp"
 
     def __init__(self, beta: float = 0.01, sigma: float = 1.0, tangents: TangentFn | None = None, loss_fn=None):
         super().__init__(beta, sigma, tangents, loss_fn)

@@ -15,11 +15,10 @@ from . import convnets  # noqa: F401  (registers the models)
 from . import mlp  # noqa: F401
 from . import resnet  # noqa: F401
 from .registry import ACTIVATIONS
-from .registry import ALLOWED_MODULES
 from .registry import ModelInfo
 from .registry import available
 from .registry import get
 from .registry import info
 from .registry import register
 
-__all__ = ["ACTIVATIONS", "ALLOWED_MODULES", "ModelInfo", "available", "get", "info", "register"]
+__all__ = ["ACTIVATIONS", "ModelInfo", "available", "get", "info", "register"]

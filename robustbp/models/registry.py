@@ -6,10 +6,9 @@ returning an nn.Module. `get` validates the arguments once, here, and refuses a 
 value for a parameter the builder does not take (for example dropout for a net with no
 internal FC layer) instead of silently ignoring it.
 
-Rules every registered model follows (the gradient engine in `robustbp.passes` relies on them):
-the first module is `Normalize`; layers are nn modules from `ALLOWED_MODULES`, each instance
-used once per forward; no in-place ReLU; `forward` does only linear things between modules
-(flatten, residual `a + b`).
+Every registered model starts with `Normalize` (images stay in [0, 1]) and uses only operations
+with an explicit rule in `robustbp.operations` (tests/test_models.py checks it), so that every
+method takes its fast path on the papers' models.
 """
 from __future__ import annotations
 
@@ -22,10 +21,6 @@ from torch import nn
 from ..layers import Normalize
 
 ACTIVATIONS = ("relu", "tanh", "logistic")
-ALLOWED_MODULES = (
-    Normalize, nn.Linear, nn.Conv2d, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.Flatten, nn.Dropout, nn.BatchNorm1d, nn.BatchNorm2d,
-)
 DEFAULTS = dict(in_channels=1, image_size=28, num_classes=10, mean=0.0, std=1.0, dropout=0.0, activation="relu")
 
 
