@@ -120,6 +120,8 @@ class Step:
     version: int | None = None
     captured: bool = False
     in_place: bool = False
+    draws_random: bool = False
+    live: dict | None = None  # the recorded activations themselves, for the exact replay
 
 
 @dataclass
@@ -239,6 +241,25 @@ def _refuse_custom_function(t: Tensor) -> None:
         )
 
 
+def _run_noting_random_draws(func, args, kwargs, slots) -> tuple[object, bool]:
+    """Run a call that has no rule; also say whether it drew random numbers inside (attention with
+    dropout_p > 0 in training), which a replay would draw again differently."""
+    device = slots[0][1].device
+    generator = torch.default_generator if device.type == "cpu" else None
+    before = generator.get_state() if generator is not None else torch.cuda.get_rng_state(device)
+    out = func(*args, **kwargs)
+    after = generator.get_state() if generator is not None else torch.cuda.get_rng_state(device)
+    return out, not torch.equal(before, after)
+
+
+def _refuse_random_step(step: "Step") -> None:
+    if step.draws_random:
+        raise NotLinearizable(
+            f"the passes cannot replay {function_name(step.func)}: it drew random numbers (dropout inside the "
+            f"call?), which a replay would draw again differently; set its dropout to 0 or use eval mode"
+        )
+
+
 class _Recording(_Tracing):
     def __init__(self, tape: Tape, root: Tensor, capture_weights: bool):
         super().__init__(root)
@@ -295,6 +316,7 @@ class _Recording(_Tracing):
         out = step.func(*step.args, **step.kwargs)
         kept = out.detach() if step.rule.record_output else kept_input
         step.data, step.version = kept, kept._version
+        step.live = {(0,): out if step.rule.record_output else inp}
         return out
 
     def _record_pooling(self, step, slots):
@@ -369,19 +391,38 @@ class _Recording(_Tracing):
             )
         tape = self.tape
         tape.piecewise_linear = tape.stackable = False
+        out, step.draws_random = _run_noting_random_draws(step.func, step.args, step.kwargs, slots)
         if _requires_grad_constant([t for _, t in _tensor_slots(step.args, step.kwargs)], self.traced):
             tape.fusable = False
         step.data = {position: t.detach() for position, t in slots}  # the point the derivative is taken at
-        return step.func(*step.args, **step.kwargs)
+        step.live = dict(slots)
+        return out
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """F.layer_norm from elementary operations. PyTorch's fused kernel gives wrong derivatives of its
+    forward-mode derivative (checked against finite differences in tests), which the exact
+    methods differentiate; its elementary operations do not."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = input.mean(dims, keepdim=True)
+    centered = input - mean
+    out = centered * torch.rsqrt(centered.pow(2).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight
+    return out if bias is None else out + bias
+
+
+# Operations whose general route uses an equivalent made of elementary operations.
+_DECOMPOSED = {F.layer_norm: _layer_norm}
 
 
 class _Replaying(_Tracing):
     """Runs the model's forward again on a tangent h; each operation that receives an activation
     is matched with its recorded step and replaced by its linear map."""
 
-    def __init__(self, tape: Tape, root: Tensor, tangent_inputs: list | None):
+    def __init__(self, tape: Tape, root: Tensor, tangent_inputs: list | None, exact: bool = False):
         super().__init__(root)
-        self.tape, self.tangent_inputs = tape, tangent_inputs
+        self.tape, self.tangent_inputs, self.exact = tape, tangent_inputs, exact
         self.index = 0
         self.batch = tape.batch_size
 
@@ -438,6 +479,9 @@ class _Replaying(_Tracing):
 
     def _linear_smooth(self, step, tangents, args, kwargs):
         h = tangents[(0,)]
+        if self.exact:
+            derivative = self._live_derivative(step)
+            return self._write_in_place(step, h, _elementwise(h, self.batch, lambda k: k * derivative))
         derivative = step.data if isinstance(step.data, tuple) else None
         if derivative is None:
             kept = self._kept(step)
@@ -449,6 +493,25 @@ class _Replaying(_Tracing):
                 value = torch.func.jvp(lambda t: step.func(t, *call_args, **call_kwargs), (kept,), (torch.ones_like(kept),))[1]
             step.data, derivative = (value,), (value,)
         return self._write_in_place(step, h, _elementwise(h, self.batch, lambda k: k * derivative[0]))
+
+    def _live_derivative(self, step) -> Tensor:
+        """f'(a) at the recorded activation itself, differentiable in θ (the exact replay)."""
+        live = step.live[(0,)]
+        if live._version != step.version:
+            raise NotLinearizable(
+                f"the tensor {function_name(step.func)} produced was changed in place later in the forward; "
+                f"the exact linearized pass needs it as it was (write the later operation out of place)"
+            )
+        if step.rule.derivative is not None:
+            return step.rule.derivative(live)
+        call_kwargs = {k: v for k, v in step.kwargs.items() if k != "inplace"}
+        call_args = [a for a in step.args[1:] if not isinstance(a, bool)]
+        if not (live.requires_grad and torch.is_grad_enabled()):  # nothing to differentiate: its value
+            return torch.func.jvp(lambda t: step.func(t, *call_args, **call_kwargs), (live,), (torch.ones_like(live),))[1]
+        with torch.enable_grad():
+            (derivative,) = torch.autograd.grad(step.func(live, *call_args, **call_kwargs).sum(), live,
+                                                create_graph=True)
+        return derivative
 
     def _kept(self, step) -> Tensor:
         kept = step.data
@@ -500,14 +563,16 @@ class _Replaying(_Tracing):
         return step.func(*call_args, **call_kwargs)
 
     def _linear_general(self, step, tangents, args, kwargs):
+        _refuse_random_step(step)
         positions = list(step.data)
-        points = [step.data[p] for p in positions]
+        points = [(step.live if self.exact else step.data)[p] for p in positions]
+        func = _DECOMPOSED.get(step.func, step.func)
         directions = [tangents[p] for p in positions]
         template = {}
 
         def call(*activations):
             call_args, call_kwargs = _substitute(step.args, step.kwargs, dict(zip(positions, activations)))
-            leaves, spec = tree_flatten(step.func(*call_args, **call_kwargs))
+            leaves, spec = tree_flatten(func(*call_args, **call_kwargs))
             floating = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
             template.update(leaves=leaves, spec=spec, floating=floating)
             return tuple(leaves[i] for i in floating)
@@ -550,6 +615,7 @@ class _Frozen(_Tracing):
             return args[0] if mask is None else args[0] * mask
         if step.kind == "value":
             return step.data
+        _refuse_random_step(step)
         out = func(*args, **kwargs)
         if step.kind == "weight" and step.captured and self.weight_calls is not None:
             weight, bias = _argument(args, kwargs, 1, "weight"), _argument(args, kwargs, 2, "bias")
@@ -601,26 +667,27 @@ class Linearization:
         tape = Tape(batch_size=x.shape[0])
         logits = _run(model, x, _Recording(tape, x, capture_weights), "recording")
         _refuse_custom_function(logits)
-        lin = cls(model, x, logits, tape)
-        _check_linear(lin)
-        return lin
+        return cls(model, x, logits, tape)
 
-    def jvp(self, h: Tensor, tangent_inputs: list | None = None) -> Tensor:
+    def jvp(self, h: Tensor, tangent_inputs: list | None = None, exact: bool = False) -> Tensor:
         """J·h through the linearized network. h may stack k tangents per sample: shape (k·B, ...),
-        sample i of tangent t at row t·B + i. Differentiable with respect to the parameters (the
-        recorded derivatives held constant). With `tangent_inputs`, the tangent entering each
-        captured weight operation is appended to it, in the order of `tape.weight_calls`."""
+        sample i of tangent t at row t·B + i. Differentiable with respect to the parameters: with
+        the derivatives of nonlinear operations held at the recorded point (IBP), or, `exact`, as
+        functions of θ too (every second-order term; what prediction-ibp and tangent-prop need).
+        With `tangent_inputs`, the tangent entering each captured weight operation is appended
+        to it, in the order of `tape.weight_calls`."""
         batch = self.tape.batch_size
         if h.shape[0] % batch:
             raise ValueError(f"tangent batch {h.shape[0]} is not a multiple of the recorded batch {batch}")
+        _check_linear(self)
         if h.shape[0] == batch or self.tape.stackable:
-            return self._replay(h, tangent_inputs)
+            return self._replay(h, tangent_inputs, exact)
         if tangent_inputs is not None:
             raise ValueError("tangent_inputs needs one tangent per sample on this model")
-        return torch.cat([self._replay(part) for part in h.split(batch)])
+        return torch.cat([self._replay(part, exact=exact) for part in h.split(batch)])
 
-    def _replay(self, h: Tensor, tangent_inputs: list | None = None) -> Tensor:
-        mode = _Replaying(self.tape, h, tangent_inputs)
+    def _replay(self, h: Tensor, tangent_inputs: list | None = None, exact: bool = False) -> Tensor:
+        mode = _Replaying(self.tape, h, tangent_inputs, exact)
         out = _run(self.model, h, mode, "linearized pass")
         if mode.index != len(self.tape.steps):
             raise NotLinearizable("the model's forward took a shorter path when replayed than when recorded")
@@ -643,7 +710,7 @@ def _check_linear(lin: Linearization) -> None:
     """The replay must be additive, J(a+b) = J(a) + J(b): a last guard against operations the mode
     did not see. Checked once per model, per train/eval configuration and per set of parameters."""
     model = lin.model
-    key = (tuple(m.training for m in model.modules()), tuple(id(p) for p in model.parameters()),
+    key = (tuple((id(m), m.training) for m in model.modules()), tuple(id(p) for p in model.parameters()),
            lin.x.dtype, tuple(lin.x.shape[1:]))
     if key in _checked.get(model, ()):
         return

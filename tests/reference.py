@@ -1,23 +1,48 @@
-"""Independent references for the method tests: plain torch.autograd from each definition.
+"""Independent references for the method tests: plain torch.autograd / torch.func from each definition.
 
-Nothing here uses robustbp's passes. The test networks are nn.Modules, but the reference
-evaluates them with its own functional interpreter, so that "held constant" can be written
-with autograd alone:
-  - an activation derivative held constant:  f(x̄) + (x − x̄)·f'(x̄), x̄ = x.detach()
-    (same value, same first derivative in x, no dependence of the derivative on θ);
-  - BatchNorm statistics held constant: the mean and variance detached;
-  - LinBP's ReLU: x + (relu(x) − x).detach() (value relu(x), derivative 1).
-Jacobians are formed densely with torch.autograd.functional.jacobian(create_graph=True).
+Nothing here uses robustbp's passes or the methods' internals. Every definition runs the MODEL'S
+OWN forward, model(x), under a torch.overrides.TorchFunctionMode (`HeldForward`) that knows
+which tensors are activations (x and every floating output of a call that received an
+activation; strong references are kept, so ids are not reused) and changes only this:
+
+  - dropout: F.dropout / dropout1d / dropout2d / dropout3d (and torch.dropout,
+    torch.feature_dropout) with training=True and p > 0 on an activation multiply by a mask.
+    The first forward of a Reference draws it as F.dropoutX(torch.ones_like(input), p, True),
+    which consumes the global RNG exactly as the native op does on CPU; later forwards of the
+    same Reference reuse the masks in call order. With training=False or p = 0: the identity.
+  - frozen statistics (`freeze_statistics`): F.batch_norm with training=True normalizes with the
+    batch mean and biased variance DETACHED (running statistics are left alone). Without the flag
+    BatchNorm runs as is (the main loss, samples coupled).
+  - held derivatives (`freeze_derivatives`): every call that takes an activation is replaced by its
+    first-order expansion at the detached point, out = f(ā) + jvp_ā f·(a − ā), ā = a.detach(),
+    computed with torch.func.jvp of a closure over the call; non-activation arguments (parameters,
+    `weight * mask`, buffers) stay in the closure, live. Same value and same first derivative in
+    x; the derivative no longer depends on the point (nonlinearities' derivatives held), but still
+    on the parameters used inside the call. Non-floating outputs are f(ā). Metadata calls
+    (.shape, .size(), ...) and view/reshape ops (linear, so their own expansion, and run as
+    themselves to keep aliasing) pass through. Calls in place (relu_, add_, +=, inplace=True)
+    use the out-of-place op and then copy the result into the first argument.
+    BatchNorm in training with frozen statistics is applied first (it is then affine).
+  - LinBP (`linbp_first=k`): every ReLU call on an activation, however written (F.relu,
+    torch.relu, Tensor.relu, relu_, nn.ReLU incl. inplace=True), from the k-th on (1-based,
+    forward order) becomes a + (relu(a) − a).detach() (value relu(a), derivative 1).
+Everything runs under the MATH scaled-dot-product-attention backend (the fused CPU kernel has
+neither forward-mode AD nor double backward). Per-sample Jacobians J_i = ∂z_i/∂x_i are formed
+class by class, ∂(Σ_b z_b,c)/∂x with create_graph=True: exact once batch statistics are frozen,
+since then nothing couples the samples (test_any_model checks it against the full Jacobian);
+without frozen statistics the full torch.autograd.functional.jacobian is used.
+`adversarial` runs the model's own forward natively (nn.Dropout then draws its masks as in training).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from robustbp.layers import Normalize
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 class Residual(nn.Module):
@@ -31,78 +56,190 @@ class Residual(nn.Module):
         return x + self.body(x)
 
 
-@dataclass
-class Context:
-    freeze_derivatives: bool = False  # activation derivatives held constant
-    freeze_statistics: bool = False  # BatchNorm batch statistics held constant
-    linbp_first: int | None = None
-    masks: list = field(default_factory=list)  # dropout masks, drawn once, reused by later passes
-    mask_index: int = 0
-    relu_count: int = 0
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+_NATIVE_DROPOUTS = {torch.dropout, torch.feature_dropout}
+# Calls that only read metadata, and parameter-free view/reshape ops (linear in their one tensor,
+# so the first-order expansion is the op itself; running them natively keeps aliasing for writes
+# through views). They run as themselves in every mode.
+_PASS_THROUGH = {
+    "__get__", "size", "dim", "ndimension", "numel", "nelement", "stride", "storage_offset", "is_contiguous",
+    "is_floating_point", "is_complex", "element_size", "get_device", "data_ptr", "__len__", "__bool__",
+    "__int__", "__float__", "__index__", "item", "tolist", "__repr__", "__str__", "__format__", "type",
+    "requires_grad_", "retain_grad", "register_hook", "untyped_storage", "has_names", "__hash__",
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
+    "t", "permute", "movedim", "moveaxis", "swapaxes", "swapdims", "expand", "expand_as", "narrow", "select",
+    "__getitem__", "__setitem__", "chunk", "split", "split_with_sizes", "tensor_split", "unbind", "contiguous",
+    "detach", "diagonal", "unfold", "as_strided",
+}
+# In-place ops that are affine in their tensors (or do not depend on them): run as themselves.
+_NATIVE_IN_PLACE = {"copy_", "zero_", "fill_", "requires_grad_", "detach_", "set_", "resize_", "share_memory_"}
+_IN_PLACE_DUNDERS = {
+    "__iadd__": "__add__", "__isub__": "__sub__", "__imul__": "__mul__", "__itruediv__": "__truediv__",
+    "__ifloordiv__": "__floordiv__", "__ipow__": "__pow__", "__imatmul__": "__matmul__",
+}
+_SIGNATURES: dict = {}
 
 
-def _smooth(fn, derivative, h, ctx):
-    if not ctx.freeze_derivatives:
-        return fn(h)
-    point = h.detach()
-    return fn(point) + (h - point) * derivative(point)
+def _bind(func, args, kwargs):
+    """inspect.BoundArguments of a Python-level function (None for builtins)."""
+    if func not in _SIGNATURES:
+        try:
+            _SIGNATURES[func] = inspect.signature(func)
+        except (TypeError, ValueError):
+            _SIGNATURES[func] = None
+    signature = _SIGNATURES[func]
+    if signature is None:
+        return None
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return bound
 
 
-def run(module: nn.Module, h: torch.Tensor, ctx: Context) -> torch.Tensor:
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            h = run(child, h, ctx)
-        return h
-    if isinstance(module, Residual):
-        return h + run(module.body, h, ctx)
-    if isinstance(module, Normalize):
-        return (h - module.mean) / module.std
-    if isinstance(module, nn.Linear):
-        return F.linear(h, module.weight, module.bias)
-    if isinstance(module, nn.Conv2d):
-        return F.conv2d(h, module.weight, module.bias, module.stride, module.padding)
-    if isinstance(module, nn.ReLU):
-        ctx.relu_count += 1
-        if ctx.linbp_first is not None and ctx.relu_count >= ctx.linbp_first:
-            return h + (F.relu(h) - h).detach()
-        return F.relu(h)
-    if isinstance(module, nn.LeakyReLU):
-        return F.leaky_relu(h, module.negative_slope)
-    if isinstance(module, nn.Tanh):
-        return _smooth(torch.tanh, lambda t: 1 - torch.tanh(t) ** 2, h, ctx)
-    if isinstance(module, nn.Sigmoid):
-        return _smooth(torch.sigmoid, lambda t: torch.sigmoid(t) * (1 - torch.sigmoid(t)), h, ctx)
-    if isinstance(module, nn.Softplus):
-        return _smooth(F.softplus, torch.sigmoid, h, ctx)
-    if isinstance(module, nn.MaxPool2d):
-        return F.max_pool2d(h, module.kernel_size, module.stride, module.padding)
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        return F.adaptive_avg_pool2d(h, module.output_size)
-    if isinstance(module, nn.AvgPool2d):
-        return F.avg_pool2d(h, module.kernel_size, module.stride)
-    if isinstance(module, nn.Flatten):
-        return h.flatten(1)
-    if isinstance(module, nn.Dropout):
-        if not module.training:
-            return h
-        if ctx.mask_index == len(ctx.masks):
-            keep = 1 - module.p
-            ctx.masks.append(torch.empty_like(h).bernoulli_(keep).div_(keep))
-        mask = ctx.masks[ctx.mask_index]
-        ctx.mask_index += 1
-        return h * mask
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        dims = [0] + list(range(2, h.dim()))
-        shape = [1, -1] + [1] * (h.dim() - 2)
-        if module.training:
-            mean, var = h.mean(dims), h.var(dims, unbiased=False)
-            if ctx.freeze_statistics:
-                mean, var = mean.detach(), var.detach()
+class HeldForward(TorchFunctionMode):
+    """model(x) with dropout masks drawn once, and optionally frozen statistics, held derivatives
+    and LinBP's ReLU (see the module docstring)."""
+
+    def __init__(self, x, masks, freeze_derivatives=False, freeze_statistics=False, linbp_first=None):
+        super().__init__()
+        self.activations = {id(x): x}  # strong references: ids stay unique while the mode lives
+        self.masks, self.mask_index = masks, 0
+        self.freeze_derivatives, self.freeze_statistics = freeze_derivatives, freeze_statistics
+        self.linbp_first = linbp_first
+        self.relu_calls = 0
+
+    def is_activation(self, value) -> bool:
+        return isinstance(value, torch.Tensor) and self.activations.get(id(value)) is value
+
+    def track(self, out):
+        for leaf in tree_flatten(out)[0]:
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+                self.activations[id(leaf)] = leaf
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not any(self.is_activation(leaf) for leaf in tree_flatten((args, kwargs))[0]):
+            return func(*args, **kwargs)
+        out = self.call(func, args, kwargs)
+        self.track(out)
+        name = getattr(func, "__name__", "")
+        if name in _IN_PLACE_DUNDERS or name == "__setitem__" or (name.endswith("_") and not name.startswith("__")):
+            self.track(args[0])  # written in place with something that depends on x
+        return out
+
+    # ---- the changed calls ----
+    def call(self, func, args, kwargs):
+        name = getattr(func, "__name__", "")
+        if func in _DROPOUTS or func in _NATIVE_DROPOUTS:
+            return self.dropout(func, args, kwargs)
+        if name in ("relu", "relu_"):
+            self.relu_calls += 1
+            if self.linbp_first is not None and self.relu_calls >= self.linbp_first:
+                return self.linbp_relu(func, args, kwargs)
+        if func is F.batch_norm and self.freeze_statistics:
+            bound = _bind(func, args, kwargs)
+            if bound.arguments["training"]:
+                return self.frozen_batch_norm(**bound.arguments)
+        if not self.freeze_derivatives or name in _PASS_THROUGH:
+            return func(*args, **kwargs)
+        return self.expanded(func, args, kwargs)
+
+    def dropout(self, func, args, kwargs):
+        if func in _NATIVE_DROPOUTS:  # torch.dropout(input, p, train): no inplace argument
+            given = dict(zip(("input", "p", "train"), args), **kwargs)
+            inp, p, training, inplace = given["input"], given["p"], given["train"], False
         else:
-            mean, var = module.running_mean, module.running_var
-        out = (h - mean.view(shape)) / torch.sqrt(var.view(shape) + module.eps)
-        return out * module.weight.view(shape) + module.bias.view(shape)
-    raise TypeError(f"reference interpreter: no rule for {type(module).__name__}")
+            bound = _bind(func, args, kwargs)
+            inp, p, training, inplace = (bound.arguments[k] for k in ("input", "p", "training", "inplace"))
+        if not training or p == 0:
+            return inp
+        if self.mask_index == len(self.masks):
+            self.masks.append(func(torch.ones_like(inp), p, True))  # the native op's draws, on a tensor of ones
+        mask = self.masks[self.mask_index]
+        self.mask_index += 1
+        return inp.mul_(mask) if inplace else inp * mask
+
+    def linbp_relu(self, func, args, kwargs):
+        bound = _bind(func, args, kwargs)
+        inp = args[0] if args else kwargs["input"]
+        inplace = func.__name__ == "relu_" or (bound is not None and bound.arguments.get("inplace", False))
+        out = inp + (torch.relu(inp) - inp).detach()
+        if inplace:
+            inp.copy_(out)
+            return inp
+        return out
+
+    @staticmethod
+    def frozen_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+        dims = [0] + list(range(2, input.dim()))
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        mean = input.mean(dims).detach()
+        var = input.var(dims, unbiased=False).detach()
+        out = (input - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+        if weight is not None:
+            out = out * weight.view(shape)
+        if bias is not None:
+            out = out + bias.view(shape)
+        return out
+
+    def expanded(self, func, args, kwargs):
+        """f(ā) + jvp_ā f·(a − ā) for the call; in place: the same, copied into the first argument."""
+        name = getattr(func, "__name__", "")
+        target = None
+        if name in _NATIVE_IN_PLACE:
+            return func(*args, **kwargs)
+        if name in _IN_PLACE_DUNDERS:
+            func, target = getattr(torch.Tensor, _IN_PLACE_DUNDERS[name]), args[0]
+        elif name.endswith("_") and not name.startswith("__"):
+            out_of_place = getattr(torch.Tensor, name[:-1], None)
+            if out_of_place is None:
+                raise TypeError(f"reference: no out-of-place equivalent of in-place {name}")
+            func, target = out_of_place, args[0]
+        else:
+            bound = _bind(func, args, kwargs)
+            if bound is not None and bound.arguments.get("inplace") is True:
+                bound.arguments["inplace"] = False
+                target = next(iter(bound.arguments.values()))
+                args, kwargs = bound.args, bound.kwargs
+        out = self.first_order(func, args, kwargs)
+        if target is None:
+            return out
+        target.copy_(out)
+        return target
+
+    def first_order(self, func, args, kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        positions = [i for i, leaf in enumerate(leaves) if self.is_activation(leaf)]
+        slot: dict[int, int] = {}
+        inputs = []
+        for i in positions:  # one primal per distinct activation (`query is key` stays true)
+            if id(leaves[i]) not in slot:
+                slot[id(leaves[i])] = len(inputs)
+                inputs.append(leaves[i])
+        points = tuple(a.detach().clone() for a in inputs)  # cloned: a later in-place write leaves ā alone
+        tangents = tuple(a - point for a, point in zip(inputs, points))
+        box = {}
+
+        def call_at(*primals):
+            filled = list(leaves)
+            for i in positions:
+                filled[i] = primals[slot[id(leaves[i])]]
+            call_args, call_kwargs = tree_unflatten(filled, spec)
+            out_leaves, out_spec = tree_flatten(func(*call_args, **call_kwargs))
+            tensors = [j for j, leaf in enumerate(out_leaves) if isinstance(leaf, torch.Tensor)]
+            box.update(leaves=out_leaves, spec=out_spec, tensors=tensors)
+            if not tensors:
+                return (primals[0].new_zeros(()),)
+            return tuple(out_leaves[j] for j in tensors)
+
+        with sdpa_kernel(SDPBackend.MATH):
+            values, derivatives = torch.func.jvp(call_at, points, tangents)
+        out_leaves = list(box["leaves"])
+        for j, value, derivative in zip(box["tensors"], values, derivatives):
+            out_leaves[j] = value + derivative if value.is_floating_point() else value
+        return tree_unflatten(out_leaves, box["spec"])
 
 
 class Reference:
@@ -114,10 +251,15 @@ class Reference:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.batch = x.shape[0]
         self.masks: list = []
+        self.relu_calls = None  # ReLU calls on activations in the last forward
 
     def logits(self, x=None, **flags) -> torch.Tensor:
-        ctx = Context(masks=self.masks, **flags)
-        return run(self.model, self.x if x is None else x, ctx)
+        x = self.x if x is None else x
+        mode = HeldForward(x, self.masks, **flags)
+        with sdpa_kernel(SDPBackend.MATH), mode:
+            out = self.model(x)
+        self.relu_calls = mode.relu_calls
+        return out
 
     def per_sample_loss(self, logits):
         return F.cross_entropy(logits, self.y, reduction="none")
@@ -127,11 +269,23 @@ class Reference:
 
     def jacobians(self, **flags) -> torch.Tensor:
         """(B, C, D): the per-sample Jacobians J_i = ∂z_i/∂x_i, differentiable in θ."""
-        full = torch.autograd.functional.jacobian(
-            lambda inp: self.logits(inp, **flags), self.x, create_graph=True
-        )
-        index = torch.arange(self.batch)
-        return full.flatten(3)[index, :, index, :]
+        return self._logits_and_jacobians(**flags)[1]
+
+    def _logits_and_jacobians(self, **flags):
+        if not flags.get("freeze_statistics"):  # samples may be coupled: the full Jacobian, its diagonal blocks
+            logits = self.logits(**flags)
+            with sdpa_kernel(SDPBackend.MATH):
+                full = torch.autograd.functional.jacobian(
+                    lambda inp: self.logits(inp, **flags), self.x, create_graph=True
+                )
+            index = torch.arange(self.batch)
+            return logits, full.flatten(3)[index, :, index, :]
+        logits = self.logits(**flags)
+        rows = [
+            torch.autograd.grad(logits[:, c].sum(), self.x, create_graph=True, retain_graph=True)[0].flatten(1)
+            for c in range(logits.shape[1])
+        ]
+        return logits, torch.stack(rows, 1)
 
     def grad(self, objective) -> list[torch.Tensor]:
         grads = torch.autograd.grad(objective, self.params, allow_unused=True)
@@ -139,11 +293,11 @@ class Reference:
 
     # ---- the definitions ----
     def held_input_grads(self):
-        """g_i = J_iᵀ δ_i with δ_i = ∂ℓ_i/∂z_i and activation derivatives held constant."""
+        """g_i = J_iᵀ δ_i with δ_i = ∂ℓ_i/∂z_i held constant, activation derivatives held constant
+        and batch statistics frozen (Loss IBP's input gradient)."""
         logits = self.logits(freeze_derivatives=True, freeze_statistics=True)
         delta = (F.softmax(logits, 1) - F.one_hot(self.y, logits.shape[1]).to(logits.dtype)).detach()
-        jac = self.jacobians(freeze_derivatives=True, freeze_statistics=True)
-        return torch.einsum("bcd,bc->bd", jac, delta)
+        return torch.autograd.grad(logits, self.x, delta, create_graph=True)[0].flatten(1)
 
     def exact_input_grads(self):
         """g_i = ∇_{x_i} ℓ_i with BatchNorm statistics held constant (exact otherwise)."""
@@ -163,10 +317,9 @@ class Reference:
     def curvature_term(self, beta, p):
         """∇_θ of the penalty through δ alone, the Jacobian held constant: what double
         backpropagation adds to Loss IBP's gradient for piecewise-linear networks."""
-        jac = self.jacobians(freeze_statistics=True).detach()
-        logits = self.logits(freeze_statistics=True)
+        logits, jac = self._logits_and_jacobians(freeze_statistics=True)
         delta = F.softmax(logits, 1) - F.one_hot(self.y, logits.shape[1]).to(logits.dtype)
-        g = torch.einsum("bcd,bc->bd", jac, delta)
+        g = torch.einsum("bcd,bc->bd", jac.detach(), delta)
         return self.grad(beta * self.lp(g, p).mean())
 
     def prediction_ibp(self, beta, direction):
@@ -204,7 +357,7 @@ class Reference:
         return self.grad(self.main_loss() + beta * v.norm(dim=1).mean())
 
     def adversarial(self, eps, alpha, norm):
-        """Through the model's own forward: nn.Dropout then draws its masks as in training."""
+        """Through the model's own forward, natively: nn.Dropout then draws its masks as in training."""
         clean_losses = self.per_sample_loss(self.model(self.x))
         g = torch.autograd.grad(clean_losses.sum(), self.x, retain_graph=True)[0]
         step = g.sign() if norm == "sign" else g
@@ -218,6 +371,6 @@ class Reference:
 
 
 def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    got_flat = torch.cat([g.flatten() for g in got])
-    want_flat = torch.cat([w.flatten() for w in want])
+    got_flat = torch.cat([g.detach().flatten() for g in got])
+    want_flat = torch.cat([w.detach().flatten() for w in want])
     return float((got_flat - want_flat).norm() / want_flat.norm().clamp_min(1e-300))

@@ -25,13 +25,6 @@ from robustbp.attacks._common import MissingDependency
 
 from .helpers import one_thread, synthetic_data, trained  # noqa: F401 (one_thread: autouse fixture)
 
-try:
-    from robustbp.passes import linbp_backward  # noqa: F401
-
-    HAS_LINBP = True
-except ImportError:
-    HAS_LINBP = False
-needs_linbp = pytest.mark.skipif(not HAS_LINBP, reason="robustbp.passes.linbp_backward is not importable")
 needs_art = pytest.mark.skipif(
     not art_available(), reason="ART (adversarial-robustness-toolbox) is not importable; install robustbp[attacks]"
 )
@@ -161,7 +154,6 @@ def linbp_reference_gradient(model: nn.Sequential, x, y, first: int) -> torch.Te
     return grad
 
 
-@needs_linbp
 @pytest.mark.parametrize("first", [1, 2])
 def test_linbp_gradient_matches_reference_and_differs_from_bp(model, data, first):
     x, y = data[0][:40], data[1][:40]
@@ -170,19 +162,38 @@ def test_linbp_gradient_matches_reference_and_differs_from_bp(model, data, first
     assert float((linbp - input_gradient(model, x, y)).abs().max()) > 1e-3
 
 
-@needs_linbp
-def test_linbp_equals_bp_without_relus(data):
+def test_linbp_refuses_a_model_without_relu(data):
     torch.manual_seed(0)
     tanh_net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 3))
     x, y = data[0][:40], data[1][:40]
-    torch.testing.assert_close(input_gradient(tanh_net, x, y, "linbp"), input_gradient(tanh_net, x, y, "bp"))
-    torch.testing.assert_close(
-        pgd(tanh_net, x, y, 0.1, 0.02, 5, gradient="linbp", generator=torch.Generator().manual_seed(0)),
-        pgd(tanh_net, x, y, 0.1, 0.02, 5, gradient="bp", generator=torch.Generator().manual_seed(0)),
-    )
+    with pytest.raises(ValueError, match="applies no ReLU"):
+        input_gradient(tanh_net, x, y, "linbp")
+    with pytest.raises(ValueError, match="applies no ReLU"):
+        pgd(tanh_net, x, y, 0.1, 0.02, 5, gradient="linbp", generator=torch.Generator().manual_seed(0))
 
 
-@needs_linbp
+def test_linbp_finds_functional_relus(data):
+    """F.relu and x.relu() in forward are ReLUs for LinBP as nn.ReLU is: the gradient changes."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(64, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.second(self.first(x.flatten(1)).relu())
+
+    torch.manual_seed(0)
+    net = Functional()
+    x, y = data[0][:40], data[1][:40]
+    reference = x.clone().requires_grad_(True)
+    hidden = net.first(reference.flatten(1))
+    logits = net.second(hidden + (hidden.relu() - hidden).detach())  # relu forward, identity backward
+    (want,) = torch.autograd.grad(nn.functional.cross_entropy(logits, y, reduction="sum"), reference)
+    torch.testing.assert_close(input_gradient(net, x, y, "linbp"), want)
+    assert not torch.allclose(input_gradient(net, x, y, "bp"), want)
+
+
 def test_linbp_pgd_stays_in_the_ball(model, data):
     x, y = data
     x_adv = pgd(model, x, y, 8 / 255, 1 / 255, 10, gradient="linbp", first=1, restarts=2,
@@ -211,8 +222,7 @@ def test_attacks_keep_mode_and_parameter_grads(data):
         pgd(net, x, y, 0.1, 0.02, 3, norm="l2")
         tpgd(net, x, 0.1, 0.02, 2)
         input_gradient(net, x, y)
-        if HAS_LINBP:
-            pgd(net, x, y, 0.1, 0.02, 2, gradient="linbp")
+        pgd(net, x, y, 0.1, 0.02, 2, gradient="linbp")
         assert all(m.training == training for m in net.modules())
         for p, g in zip(net.parameters(), grads):
             torch.testing.assert_close(p.grad, g)
@@ -276,7 +286,6 @@ def test_autoattack_ensemble_keeps_every_success_of_its_first_stage(model, data)
 
 
 @needs_art
-@needs_linbp
 def test_apgd_with_linbp_gradients_runs_and_differs(model, data):
     x, y = data[0][:100], data[1][:100]
     bp = apgd(model, x, y, 4 / 255, steps=5, gradient="bp")

@@ -31,14 +31,6 @@ from robustbp.layers import Normalize
 
 from .helpers import one_thread, synthetic_data, trained  # noqa: F401 (one_thread: autouse fixture)
 
-try:
-    from robustbp.passes import linbp_backward, spectral_norm_estimate  # noqa: F401
-
-    HAS_PASSES = True
-except ImportError:
-    HAS_PASSES = False
-needs_passes = pytest.mark.skipif(not HAS_PASSES, reason="robustbp.passes (linbp_backward, spectral_norm_estimate) "
-                                  "is not importable")
 needs_art = pytest.mark.skipif(
     not art_available(), reason="ART (adversarial-robustness-toolbox) is not importable; install robustbp[attacks]"
 )
@@ -151,7 +143,6 @@ def test_bound_is_the_product_of_layer_norms_and_covers_normalize_and_conv():
     assert spectral_norm_bound(model) == pytest.approx(math.prod(norms.values()), rel=1e-9)
 
 
-@needs_passes
 def test_spectral_error_curve_is_exact_for_linear_and_bounded_for_relu(models, data):
     torch.manual_seed(0)
     linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
@@ -250,7 +241,6 @@ class RecordsMode(nn.Module):
         return x
 
 
-@needs_passes
 @needs_art
 def test_evaluate_runs_writes_every_suite_and_restores_modes(models, data, tmp_path, capsys):
     x, y = data[0][:48], data[1][:48]
@@ -271,7 +261,9 @@ def test_evaluate_runs_writes_every_suite_and_restores_modes(models, data, tmp_p
     suites = result["suites"]
     clean = suites["clean"]["models"]["relu"]["accuracy"]
     assert suites["noise"]["models"]["relu"]["accuracy"][0] == clean
-    assert suites["linbp"]["models"]["tanh"]["bp"] == suites["linbp"]["models"]["tanh"]["linbp"]  # no ReLU
+    tanh = suites["linbp"]["models"]["tanh"]  # no ReLU: LinBP would be BP, so only BP is reported
+    assert not tanh["has_relu"] and "linbp" not in tanh and "bp" in tanh
+    assert any("tanh: the model applies no ReLU" in w for w in suites["linbp"]["warnings"])
     boundary = suites["boundary"]["models"]
     assert boundary["relu"]["n"] == boundary["tanh"]["n"] > 0  # the same points for both models
     assert boundary["relu"]["q1"] <= boundary["relu"]["median"] <= boundary["relu"]["q3"]

@@ -123,3 +123,33 @@ def test_registry_lists_every_method_of_the_issue():
         "weight-decay", "linbp",
     }
     assert set(ARCHITECTURES) >= {"mlp", "cnn", "dropout", "batchnorm", "residual"}
+
+
+def test_exact_replay_through_layer_norm_matches_finite_differences():
+    """The exact replay's J·v through LayerNorm, differentiated in the weights before it, against
+    central finite differences (PyTorch's fused layer_norm gets this third-order term wrong, so the
+    replay uses an elementary-operation LayerNorm; the IBP replay needs no such term)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.GELU(), nn.Linear(5, 3)).double()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.rand(4, 6, dtype=torch.float64)
+    v = torch.randn(4, 6, dtype=torch.float64)
+    weight = model[0].weight
+
+    def penalty():
+        lin = Linearization.record(model, x.clone().requires_grad_(True))
+        return lin.jvp(v, exact=True).pow(2).sum()
+
+    (got,) = torch.autograd.grad(penalty(), weight)
+    step, numeric = 1e-6, torch.zeros_like(weight)
+    with torch.no_grad():
+        for index in range(weight.numel()):
+            original = weight.view(-1)[index].item()
+            weight.view(-1)[index] = original + step
+            up = penalty()
+            weight.view(-1)[index] = original - step
+            down = penalty()
+            weight.view(-1)[index] = original
+            numeric.view(-1)[index] = (up - down) / (2 * step)
+    assert float((got - numeric).norm() / numeric.norm()) <= 1e-6

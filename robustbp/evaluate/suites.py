@@ -448,7 +448,8 @@ def _tables(suite: str, result: dict) -> list[str]:
         for n, m in models.items():
             for i, eps in enumerate(st["eps"]):
                 rows += [[n, eps_label(eps), k, percent(m["bp"]["attack_success_rate"][i][j]),
-                          percent(m["linbp"]["attack_success_rate"][i][j])] for j, k in enumerate(st["steps"])]
+                          percent(m["linbp"]["attack_success_rate"][i][j]) if "linbp" in m else "no ReLU"]
+                         for j, k in enumerate(st["steps"])]
         title = (f"linbp: PGD Linf success rate on correctly classified points, step {eps_label(st['step'])}, "
                  f"best of {st['restarts']} restarts, LinBP from ReLU {st['first']}")
         return [format_table(title, ["model", "eps", "steps", "BP %", "LinBP %"], rows)]
@@ -463,7 +464,8 @@ def _tables(suite: str, result: dict) -> list[str]:
         st = result["settings"]
         for n, m in models.items():
             rows += [[n, eps_label(eps), st["steps"], percent(m["bp"]["attack_success_rate"][i]),
-                      percent(m["linbp"]["attack_success_rate"][i])] for i, eps in enumerate(st["eps"])]
+                      percent(m["linbp"]["attack_success_rate"][i]) if "linbp" in m else "no ReLU"]
+                     for i, eps in enumerate(st["eps"])]
         title = f"apgd: Auto-PGD (ART) success rate, best of {st['restarts']} restarts, LinBP from ReLU {st['first']}"
         return [format_table(title, ["model", "eps", "steps", "BP %", "LinBP %"], rows)]
     if suite == "boundary":
@@ -538,6 +540,8 @@ def _plot(suite: str, result: dict):
             for n, m in models.items():
                 line, = ax.plot(st["steps"], [100 * r for r in m["bp"]["attack_success_rate"][i]], marker="o",
                                 label=f"{n} BP")
+                if "linbp" not in m:
+                    continue
                 ax.plot(st["steps"], [100 * r for r in m["linbp"]["attack_success_rate"][i]], marker="s",
                         linestyle="--", color=line.get_color(), label=f"{n} LinBP")
             ax.set(xlabel="steps", ylabel="attack success %", title=f"PGD eps={eps_label(eps)}")
@@ -555,6 +559,8 @@ def _plot(suite: str, result: dict):
         figure, (ax,) = new_figure()
         for n, m in models.items():
             line, = ax.plot(st["eps"], [100 * r for r in m["bp"]["attack_success_rate"]], marker="o", label=f"{n} BP")
+            if "linbp" not in m:
+                continue
             ax.plot(st["eps"], [100 * r for r in m["linbp"]["attack_success_rate"]], marker="s", linestyle="--",
                     color=line.get_color(), label=f"{n} LinBP")
         ax.set(xlabel="eps", ylabel="attack success %", title=f"Auto-PGD, {st['steps']} steps")
@@ -614,6 +620,8 @@ def _square_versus_gradient(results: dict, run: _Run) -> list[str]:
                 for i, e in enumerate(results[suite]["settings"]["eps"]):
                     if same(e):
                         for gradient in ("bp", "linbp"):
+                            if gradient not in results[suite]["models"][name]:
+                                continue
                             rate = results[suite]["models"][name][gradient]["attack_success_rate"][i]
                             rates[f"{label}-{gradient.upper() if gradient == 'bp' else 'LinBP'}"] = (
                                 rate[-1] if isinstance(rate, list) else rate)

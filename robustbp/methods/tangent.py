@@ -76,9 +76,9 @@ class TangentProp(TangentMethod):
     """Tangent propagation: L + β·(1/B) Σ_i ½ Σ_t ‖J_z(x_i)·t_i‖², with the exact gradient.
 
     The T tangents of the batch are stacked into one batch of T·B directions and pushed through
-    the linearized network in a single pass (piecewise-linear networks), or through autograd's
-    double-vjp otherwise (every second derivative included; BatchNorm statistics and dropout
-    masks held). `tangents` (optional) maps x to (B, T, ...) user tangents.
+    the linearized network in a single pass (one pass per tangent where the batch does not stay in
+    dim 0), with the derivatives of smooth operations as functions of θ (every second derivative
+    included; BatchNorm statistics and dropout masks held). `tangents` (optional) maps x to (B, T, ...) user tangents.
     """
 
     holds_constant = "the tangent vectors; BatchNorm batch statistics and dropout masks; otherwise exact"
@@ -94,7 +94,7 @@ class TangentProp(TangentMethod):
         lin = Linearization.record(model, x)
         main_loss = self.per_sample_loss(lin.logits, y).mean()
         stacked = tangents.transpose(0, 1).reshape(-1, *x.shape[1:])
-        jt = jacobian_vector_product(lin, lin.frozen_logits(x), x, stacked)
+        jt = jacobian_vector_product(lin, stacked)
         reg_loss = self.beta * 0.5 * jt.pow(2).sum() / x.shape[0]
         deliver(params, [(main_loss + reg_loss, None)])
         return main_loss.item(), reg_loss.item()
