@@ -100,22 +100,29 @@ def bench(
     device: str = "cpu",
     seed: int = 0,
 ) -> list[MethodTiming]:
-    """Median step time of each method over `rounds` interleaved rounds, and its ratio to standard."""
+    """Median step time of each method over `rounds` interleaved rounds, and its ratio to standard.
+    `model_name` may name several models, comma-separated ("lenet,lenet-functional"): all of them
+    run in the same interleaved rounds, each method labelled "model: method", each ratio taken to
+    the same model's standard."""
     if rounds < 1 or warmup < 0 or batch_size < 1:
         raise ValueError(f"bench: rounds and batch size must be ≥ 1 and warmup ≥ 0, got {rounds}, {batch_size}, {warmup}")
     specs = list(dict.fromkeys(("standard", *method_specs)))
-    torch.manual_seed(seed)
-    base_model = model_registry.get(
-        model_name, in_channels=in_channels, image_size=image_size, num_classes=num_classes
-    ).to(device)
-    x = torch.rand(batch_size, in_channels, image_size, image_size, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    model_names = [name.strip() for name in model_name.split(",") if name.strip()]
+    x = torch.rand(batch_size, in_channels, image_size, image_size,
+                   generator=torch.Generator().manual_seed(seed)).to(device)
+    y = torch.randint(0, num_classes, (batch_size,), generator=torch.Generator().manual_seed(seed + 1)).to(device)
     runs = []
-    for spec in specs:
-        name, kwargs = parse_method(spec)
-        model = copy.deepcopy(base_model).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        runs.append((spec, method_registry.get(name, **kwargs), model, optimizer))
+    for one_model in model_names:
+        torch.manual_seed(seed)
+        base_model = model_registry.get(
+            one_model, in_channels=in_channels, image_size=image_size, num_classes=num_classes
+        ).to(device)
+        for spec in specs:
+            name, kwargs = parse_method(spec)
+            model = copy.deepcopy(base_model).train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            label = spec if len(model_names) == 1 else f"{one_model}: {spec}"
+            runs.append((label, method_registry.get(name, **kwargs), model, optimizer))
 
     def timed(run) -> float:
         _, method, model, optimizer = run
@@ -143,8 +150,12 @@ def bench(
         else:
             memory[spec] = saved_tensor_mib(lambda: training_step(method, model, optimizer, x, y))
     medians = {spec: statistics.median(values) for spec, values in times.items()}
+
+    def standard_of(label: str) -> float:
+        return medians[label.rpartition(": ")[0] + ": standard" if ": " in label else "standard"]
+
     return [
-        MethodTiming(spec, 1e3 * medians[spec], medians[spec] / medians["standard"], memory[spec]) for spec in medians
+        MethodTiming(spec, 1e3 * medians[spec], medians[spec] / standard_of(spec), memory[spec]) for spec in medians
     ]
 
 
@@ -186,8 +197,9 @@ def spectral_cost(setups=SPECTRAL_SETUPS, repeats: int = 5, seed: int = 0):
 
 
 def format_table(timings: list[MethodTiming]) -> str:
-    lines = [f"{'method':<28} {'median ms':>10} {'× standard':>11} {'saved MiB':>10}"]
-    lines += [f"{t.method:<28} {t.median_ms:>10.2f} {t.ratio:>11.2f} {t.saved_mib:>10.1f}" for t in timings]
+    width = max(28, *(len(t.method) + 1 for t in timings))
+    lines = [f"{'method':<{width}} {'median ms':>10} {'× standard':>11} {'saved MiB':>10}"]
+    lines += [f"{t.method:<{width}} {t.median_ms:>10.2f} {t.ratio:>11.2f} {t.saved_mib:>10.1f}" for t in timings]
     return "\n".join(lines)
 
 

@@ -137,6 +137,18 @@ class WeightCall:
     input: Tensor
     output_edge: object
 
+    def __post_init__(self):
+        self.input_version = self.input._version
+
+    def checked_input(self) -> Tensor:
+        """The recorded input, refused if the forward changed it in place after the call."""
+        if self.input._version != self.input_version:
+            raise NotLinearizable(
+                f"the input of {function_name(self.step.func)} was changed in place later in the forward; "
+                f"Loss IBP needs it as it was (write the later operation out of place)"
+            )
+        return self.input
+
 
 @dataclass
 class Tape:

@@ -36,3 +36,14 @@ def test_bench_rejects_an_unknown_method_option(capsys):
 def test_parse_method():
     assert parse_method("loss-ibp:p=2/beta=0.5/norm=sign") == ("loss-ibp", {"p": 2, "beta": 0.5, "norm": "sign"})
     assert parse_method("standard") == ("standard", {})
+
+
+def test_bench_interleaves_several_models(tmp_path):
+    """`--model a,b` times both models in the same rounds; each ratio is to that model's standard."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "lenet,lenet-functional", "--batch-size", "2", "--methods", "loss-ibp",
+                 "--rounds", "1", "--warmup", "0", "--json", str(out)]) == 0
+    timings = {t["method"]: t["ratio"] for t in json.loads(out.read_text())["setups"][0]["timings"]}
+    assert set(timings) == {"lenet: standard", "lenet: loss-ibp", "lenet-functional: standard",
+                            "lenet-functional: loss-ibp"}
+    assert timings["lenet: standard"] == timings["lenet-functional: standard"] == 1.0

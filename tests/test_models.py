@@ -111,6 +111,11 @@ def test_dropout_on_last_internal_fc_layer(name):
 @pytest.mark.parametrize("activation", sorted(ACTIVATION_TYPES))
 @pytest.mark.parametrize("name", models.available())
 def test_activation_choice(name, activation):
+    if "activation" not in models.info(name).parameters:  # e.g. lenet-functional: F.relu in its forward
+        if activation != "relu":
+            with pytest.raises(ValueError, match="activation"):
+                models.get(name, activation=activation)
+        return
     model = models.get(name, activation=activation)
     used = {type(m) for m in model.modules() if isinstance(m, tuple(ACTIVATION_TYPES.values()))}
     assert used == {ACTIVATION_TYPES[activation]}
@@ -219,3 +224,20 @@ def test_register_new_model():
         from robustbp.models import registry
 
         del registry._REGISTRY["test-tiny"]
+
+
+def test_functional_lenet_is_lenet():
+    """The tutorial-style LeNet computes the same function as the module-style one (same weights)
+    and gets the same Loss IBP gradient."""
+    import robustbp.methods as methods
+
+    torch.manual_seed(0)
+    modular = models.get("lenet", in_channels=1, image_size=28).double()
+    functional = models.get("lenet-functional", in_channels=1, image_size=28).double()
+    functional.load_state_dict(dict(zip(functional.state_dict(), modular.state_dict().values())))
+    x, y = torch.rand(4, 1, 28, 28, dtype=torch.float64), torch.tensor([0, 1, 2, 3])
+    assert torch.allclose(functional(x), modular(x), rtol=1e-12, atol=1e-12)
+    for model in (modular, functional):
+        methods.get("loss-ibp", beta=0.5, p=1).backward(model, x, y)
+    for a, b in zip(functional.parameters(), modular.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12)

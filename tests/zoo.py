@@ -255,6 +255,22 @@ def conv1d():
     )
 
 
+def upsample():
+    """A small decoder step: max-pool down, nn.Upsample (bilinear) back up, a skip added."""
+    class UpsampleNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+            self.skip = nn.Conv2d(1, 3, 1)
+            self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 3))
+
+        def forward(self, x):
+            return self.head(self.up(self.down(x)) + self.skip(x))
+
+    return UpsampleNet()
+
+
 class Entry(NamedTuple):
     make: Callable[[], nn.Module]
     shape: tuple  # input shape without the batch
@@ -283,6 +299,7 @@ MODELS = {
     "vit": Entry(TinyViT, (1, 8, 8)),
     "sdpa": Entry(SDPAttention, (6, 8)),
     "conv1d": Entry(conv1d, (2, 16)),
+    "upsample": Entry(upsample, (1, 8, 8)),
 }
 # ReLU, max-pooling, dropout and affine maps only: the held derivatives are the exact ones
 PIECEWISE_LINEAR = set(MODELS) - {"mlp-layernorm", "cnn-groupnorm", "vit", "sdpa"}

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ..passes import Linearization
 from .base import Method, check_nonnegative, deliver, register
+from .ibp import main_loss_terms
 
 
 @register("adversarial")
@@ -41,19 +43,23 @@ class Adversarial(Method):
 
     def _backward(self, model, x, y, params):
         x = x.detach().requires_grad_(True)
-        clean_loss = self.per_sample_loss(model(x), y).mean()
         weight_of_clean = self.alpha if self.variant == "original" else 0.0
-        (input_grad,) = torch.autograd.grad(clean_loss, x, retain_graph=weight_of_clean > 0)
+        if weight_of_clean > 0:  # g and the clean loss's parameter gradient from one backward
+            lin = Linearization.record(model, x, capture_weights=True)
+            clean_loss = self.per_sample_loss(lin.logits, y).mean()
+            input_grad, clean_terms = main_loss_terms(lin, clean_loss, x, scale=weight_of_clean)
+        else:
+            clean_loss = self.per_sample_loss(model(x), y).mean()
+            (input_grad,) = torch.autograd.grad(clean_loss, x)
+            clean_terms = []
         step = input_grad.sign() if self.norm == "sign" else input_grad * x.shape[0]
         adversarial_x = (x + self.eps * step).detach()
         if self.clip is not None:
             adversarial_x = adversarial_x.clamp(*self.clip)
         adversarial_loss = self.per_sample_loss(model(adversarial_x), y).mean()
-        objective = (1 - weight_of_clean) * adversarial_loss
-        if weight_of_clean > 0:
-            objective = objective + weight_of_clean * clean_loss
-        deliver(params, [(objective, None)])
-        return clean_loss.item(), objective.item() - clean_loss.item()
+        deliver(params, clean_terms + [((1 - weight_of_clean) * adversarial_loss, None)])
+        objective = weight_of_clean * clean_loss.item() + (1 - weight_of_clean) * adversarial_loss.item()
+        return clean_loss.item(), objective - clean_loss.item()
 
 
 @register("adversarial-backprop")

@@ -52,26 +52,59 @@ def invariant_backward(
     if lin.tape.batch_coupled:
         calls: list = []
         penalty_loss = method.per_sample_loss(lin.frozen_logits(x, weight_calls=calls), y).mean()
+        input_grad, output_grads = backward_signals(penalty_loss, x, calls)
         terms = [(main_loss, None)]
     else:
-        calls, penalty_loss, terms = lin.tape.weight_calls, main_loss, []
-    grads = torch.autograd.grad(penalty_loss, [x] + [c.output_edge for c in calls], materialize_grads=True)
-    output_grads = grads[1:]
-    if not lin.tape.batch_coupled:
-        terms += [(call.bias, bias_gradient(call, dy)) for call, dy in zip(calls, output_grads)
-                  if call.bias is not None]
+        calls = lin.tape.weight_calls
+        input_grad, output_grads = backward_signals(main_loss, x, calls)
+        terms = bias_terms(calls, output_grads)
 
-    input_grad = (grads[0] * batch).detach().requires_grad_(True)
+    input_grad = (input_grad * batch).detach().requires_grad_(True)
     reg_loss, dreg_dg = _penalty_and_direction(penalty_of_input_grad, input_grad, x)
     tangents: list = []
     with torch.no_grad():
         lin.jvp(dreg_dg * batch, tangent_inputs=tangents)
-        for call, dy, tangent in zip(calls, output_grads, tangents):
-            if call.weight is not None and call.weight.requires_grad:
-                inputs = tangent if lin.tape.batch_coupled else call.input + tangent
-                terms.append((call.weight, weight_gradient(call, inputs, dy)))
+        inputs = tangents if lin.tape.batch_coupled else [c.checked_input() + t for c, t in zip(calls, tangents)]
+        terms += weight_terms(calls, output_grads, inputs)
     deliver(params, terms)
     return main_loss.item(), reg_loss.item()
+
+
+def backward_signals(loss: torch.Tensor, x: torch.Tensor, calls: list, retain_graph: bool = False):
+    """One backward of `loss` to x and to the output of every recorded weight operation in `calls`,
+    asking autograd for no parameter gradient: (∂loss/∂x, [∂loss/∂y_l])."""
+    grads = torch.autograd.grad(loss, [x] + [c.output_edge for c in calls], materialize_grads=True,
+                                retain_graph=retain_graph)
+    return grads[0], grads[1:]
+
+
+def bias_terms(calls: list, output_grads) -> list:
+    """(bias, Σ dy_l) for every call with a bias: the bias gradients, to `deliver`."""
+    return [(call.bias, bias_gradient(call, dy)) for call, dy in zip(calls, output_grads) if call.bias is not None]
+
+
+def weight_terms(calls: list, output_grads, inputs) -> list:
+    """(weight, dy_lᵀ·inputs_l) for every call whose weight is trained: the weight gradients, to `deliver`."""
+    with torch.no_grad():
+        return [(call.weight, weight_gradient(call, a, dy)) for call, dy, a in zip(calls, output_grads, inputs)
+                if call.weight is not None and call.weight.requires_grad]
+
+
+def main_loss_terms(lin: Linearization, main_loss: torch.Tensor, x: torch.Tensor, retain_graph: bool = False,
+                    scale: float = 1.0):
+    """(∂L/∂x, the terms that hand every parameter `scale` × its main-loss gradient) from ONE backward pass.
+    When the tape is fusable and not batch-coupled, the weight gradients are formed by hand as
+    dy_lᵀ·a_l from the backward signals, so a method that needs both g and ∂L/∂θ backpropagates
+    L once and still delivers every gradient in one autograd call; otherwise the terms are
+    [(L, None)] and g comes from a backward to x alone."""
+    if lin.tape.fusable and not lin.tape.batch_coupled and lin.tape.weight_calls:
+        calls = lin.tape.weight_calls
+        input_grad, output_grads = backward_signals(main_loss, x, calls, retain_graph)
+        output_grads = [scale * dy for dy in output_grads]
+        return input_grad, bias_terms(calls, output_grads) + weight_terms(
+            calls, output_grads, [c.checked_input() for c in calls])
+    (input_grad,) = torch.autograd.grad(main_loss, x, retain_graph=True)
+    return input_grad, [(scale * main_loss, None)]
 
 
 def _penalty_and_direction(penalty_of_input_grad, input_grad, x):
@@ -197,11 +230,15 @@ class PredictionIBP(Method):
 
     def _backward(self, model, x, y, params):
         x = x.detach().requires_grad_(True)
-        lin = Linearization.record(model, x)
+        lin = Linearization.record(model, x, capture_weights=True)
         main_loss = self.per_sample_loss(lin.logits, y).mean()
-        input_grad = penalty_input_grad(self, lin, x, y)
+        if lin.tape.batch_coupled:
+            input_grad, terms = penalty_input_grad(self, lin, x, y), [(main_loss, None)]
+        else:
+            input_grad, terms = main_loss_terms(lin, main_loss, x, retain_graph=True)
+            input_grad = input_grad * x.shape[0]
         direction = input_grad.sign() if self.direction == "sign" else input_grad
         jv = jacobian_vector_product(lin, direction.detach())
         reg_loss = self.beta * 0.5 * jv.pow(2).flatten(1).sum(1).mean()
-        deliver(params, [(main_loss + reg_loss, None)])
+        deliver(params, terms + [(reg_loss, None)])
         return main_loss.item(), reg_loss.item()

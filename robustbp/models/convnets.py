@@ -10,12 +10,15 @@ is the smallest H = W its layers accept; `get` refuses smaller images with a Val
 | ibp-svhn   | IBP §7.5 (SVHN: CIFAR net + one FC)    | 3×32×32                 | 19  |
 | lenet      | exact spectral norm, App. A.1          | 1×28×28 (KMNIST, FMNIST)| 12  |
 | lenet5     | LeCun et al. 1998, LinBP §4.2.2        | 1×28×28                 | 12  |
+| lenet-functional | `lenet` written with F.relu, F.max_pool2d | 1×28×28             | 12  |
 | vgg16-bn   | exact spectral norm, App. A.1          | 3×32×32 (any size)      | 1   |
 """
 from __future__ import annotations
 
 import math
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Normalize
@@ -130,3 +133,29 @@ def vgg16_bn(in_channels, image_size, num_classes, mean, std, dropout, activatio
         layers.add("act", make_activation(activation))
         channels = item
     return add_classifier(layers, channels * height * width, [512, 512], num_classes, dropout, activation).sequential()
+
+
+class FunctionalLeNet(nn.Module):
+    """`lenet` written the way the PyTorch tutorial writes networks: layers as attributes, and
+    ReLU, max-pooling and flattening as functional calls in `forward`."""
+
+    def __init__(self, in_channels, image_size, num_classes, mean, std):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(in_channels, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        height, width = image_size
+        features = 16 * ((height // 2 - 4) // 2) * ((width // 2 - 4) // 2)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(features, 120), nn.Linear(120, 84), nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(self.normalize(x))), 2)
+        x = F.max_pool2d(self.conv2(x).relu(), 2)
+        x = torch.flatten(x, 1)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+@register("lenet-functional", min_image_size=12)
+def lenet_functional(in_channels, image_size, num_classes, mean, std):
+    """`lenet` in the PyTorch tutorial's functional style (F.relu, F.max_pool2d, torch.flatten in forward)."""
+    return FunctionalLeNet(in_channels, image_size, num_classes, mean, std)
