@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from robustbp.validation import MissingDependency
 from typing import Any
 
 PROG = "robustbp"
@@ -499,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as error:  # includes DataError, FileNotFoundError
+    except (ValueError, OSError, MissingDependency) as error:  # includes DataError, FileNotFoundError
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except RuntimeError as error:

@@ -21,7 +21,7 @@ from robustbp.attacks import (
     square,
     tpgd,
 )
-from robustbp.attacks._common import MissingDependency
+from robustbp.validation import MissingDependency
 
 from .helpers import one_thread, synthetic_data, trained  # noqa: F401 (one_thread: autouse fixture)
 

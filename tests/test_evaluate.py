@@ -26,7 +26,7 @@ from robustbp.evaluate import (
     spectral_norm_bound,
     square_warnings,
 )
-from robustbp.evaluate.report import write_atomic
+from robustbp.io import write_atomic
 from robustbp.layers import Normalize
 
 from .helpers import one_thread, synthetic_data, trained  # noqa: F401 (one_thread: autouse fixture)

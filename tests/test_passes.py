@@ -87,11 +87,11 @@ def test_bad_batches_get_one_clear_error(name, change, message):
 @pytest.mark.parametrize(
     "name, kwargs, message",
     [
-        ("loss-ibp", dict(beta=-0.1), "beta must be a non-negative"),
+        ("loss-ibp", dict(beta=-0.1), "loss-ibp: beta must be a finite number >= 0, got -0.1"),
         ("loss-ibp", dict(p=3), "p must be 1 or 2"),
         ("double-backprop", dict(p=0), "p must be 1 or 2"),
-        ("adversarial", dict(eps=-1), "eps must be a non-negative"),
-        ("adversarial-backprop", dict(eps=float("nan")), "eps must be a non-negative"),
+        ("adversarial", dict(eps=-1), "adversarial: eps must be a finite number >= 0"),
+        ("adversarial-backprop", dict(eps=float("nan")), "eps must be a finite number >= 0"),
         ("adversarial", dict(norm="l3"), "norm must be"),
         ("adversarial", dict(variant="slow"), "variant must be"),
         ("adversarial", dict(alpha=2), "alpha must lie"),

@@ -20,15 +20,14 @@ import torch
 from torch import nn
 
 from robustbp.methods.linbp import linbp_backward
-from robustbp.attacks._common import (
+from robustbp.modes import preserved_mode, preserved_parameter_grads
+from robustbp.validation import (
+    MissingDependency,
     check_attack_inputs,
     check_choice,
     check_gradient,
     check_nonnegative,
     check_positive_int,
-    MissingDependency,
-    preserved_mode,
-    preserved_parameter_grads,
 )
 
 INSTALL_HINT = (

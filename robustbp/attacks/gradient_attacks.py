@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from robustbp.attacks._common import (
+from robustbp.validation import (
     check_attack_inputs,
     check_choice,
     check_gradient,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustbp.attacks._common import check_gradient, check_images, check_labels
+from robustbp.validation import check_gradient, check_images, check_labels
 from robustbp.methods.linbp import linbp_backward
 
 LOSSES = ("ce", "kl")

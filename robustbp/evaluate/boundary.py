@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustbp.attacks._common import check_images, check_nonnegative, check_positive_int
+from robustbp.validation import check_images, check_nonnegative, check_positive_int
 
 
 def boundary_distance(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from robustbp.attacks._common import check_images, check_labels, check_nonnegative
+from robustbp.validation import check_images, check_labels, check_nonnegative
 from robustbp.attacks.gradient_attacks import DIRECTIONS, gradient_noise
 
 BATCH_SIZE = 256

@@ -20,7 +20,7 @@ from torch import nn
 
 from robustbp.power_iteration import spectral_norm_estimate
 
-from robustbp.attacks._common import check_images, check_positive_int
+from robustbp.validation import check_images, check_positive_int
 from robustbp.layers import Normalize
 
 

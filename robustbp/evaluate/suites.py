@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from robustbp.attacks._common import MissingDependency, check_images, check_labels, eval_mode
+from robustbp.modes import eval_mode
+from robustbp.validation import MissingDependency, check_images, check_labels
 from robustbp.attacks.art_adapter import apgd, require_art, square
 from robustbp.attacks.gradients import gradient_health
 from robustbp.methods.linbp import relu_calls

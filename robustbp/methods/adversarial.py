@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..passes import Linearization
-from .base import Method, check_nonnegative, deliver, register
+from ..validation import check_nonnegative
+from .base import Method, deliver, register
 from .ibp import main_loss_terms
 
 
@@ -29,7 +30,7 @@ class Adversarial(Method):
         loss_fn=None,
     ):
         super().__init__(loss_fn)
-        check_nonnegative(self.name, eps=eps)
+        check_nonnegative(eps, f"{self.name}: eps")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"{self.name}: alpha must lie in [0, 1], got {alpha}")
         if norm not in ("sign", "grad"):

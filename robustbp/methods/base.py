@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..validation import check_batch
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -52,7 +54,7 @@ class Method:
 
     def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         params = trainable_parameters(model)
-        check_batch(x, y)
+        x, y = check_batch(x, y)
         if self.differentiates_twice:
             with sdpa_kernel(SDPBackend.MATH):
                 main, reg = self._backward(model, x, y, params)
@@ -90,28 +92,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (none with requires_grad=True)")
     return params
-
-
-def check_batch(x: torch.Tensor, y: torch.Tensor) -> None:
-    """One clear error for the ways a batch can be wrong."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise ValueError(f"inputs x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"labels y must be an integer tensor, got {getattr(y, 'dtype', type(y).__name__)}")
-    if y.dim() != 1 or x.dim() < 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"x and y must hold the same number of samples: x has shape {tuple(x.shape)}, y has shape {tuple(y.shape)}"
-        )
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("inputs x contain NaN or Inf")
-
-
-def check_nonnegative(name: str, **values: float) -> None:
-    for key, value in values.items():
-        if value is None:
-            continue
-        if not float(value) >= 0.0:  # also false for NaN
-            raise ValueError(f"{name}: {key} must be a non-negative number, got {value}")
 
 
 def deliver(params: list, terms) -> None:

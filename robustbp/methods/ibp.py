@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 
 from ..passes import Linearization, bias_gradient, weight_gradient
-from .base import Method, check_nonnegative, deliver, register
+from ..validation import check_nonnegative
+from .base import Method, deliver, register
 
 
 def invariant_backward(
@@ -160,7 +161,7 @@ class LossIBP(Method):
 
     def __init__(self, beta: float = 0.01, p: int = 1, loss_fn=None):
         super().__init__(loss_fn)
-        check_nonnegative(self.name, beta=beta)
+        check_nonnegative(beta, f"{self.name}: beta")
         self.beta, self.p = float(beta), check_p(self.name, p)
 
     def _backward(self, model, x, y, params):
@@ -180,7 +181,7 @@ class DoubleBackprop(Method):
 
     def __init__(self, beta: float = 0.01, p: int = 1, loss_fn=None):
         super().__init__(loss_fn)
-        check_nonnegative(self.name, beta=beta)
+        check_nonnegative(beta, f"{self.name}: beta")
         self.beta, self.p = float(beta), check_p(self.name, p)
 
     def _backward(self, model, x, y, params):
@@ -223,7 +224,7 @@ class PredictionIBP(Method):
 
     def __init__(self, beta: float = 0.01, direction: str = "sign", loss_fn=None):
         super().__init__(loss_fn)
-        check_nonnegative(self.name, beta=beta)
+        check_nonnegative(beta, f"{self.name}: beta")
         if direction not in ("sign", "grad"):
             raise ValueError(f"prediction-ibp: direction must be 'sign' or 'grad', got {direction!r}")
         self.beta, self.direction = float(beta), direction

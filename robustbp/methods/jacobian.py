@@ -6,7 +6,8 @@ import torch
 
 from ..passes import Linearization
 from ..power_iteration import per_sample_norm, power_iteration
-from .base import Method, check_nonnegative, register
+from ..validation import check_nonnegative
+from .base import Method, register
 
 
 def _penalty_graph(method, model, x, y):
@@ -33,7 +34,7 @@ class JacobianFrobenius(Method):
 
     def __init__(self, beta: float = 0.01, n_proj: int = 1, loss_fn=None):
         super().__init__(loss_fn)
-        check_nonnegative(self.name, beta=beta)
+        check_nonnegative(beta, f"{self.name}: beta")
         if int(n_proj) != n_proj or not (n_proj >= 1 or n_proj == -1):
             raise ValueError(f"jacobian-frobenius: n_proj must be an integer ≥ 1, or -1 for exact, got {n_proj}")
         self.beta, self.n_proj = float(beta), int(n_proj)
@@ -74,7 +75,7 @@ class JacobianSpectral(Method):
 
     def __init__(self, beta: float = 0.01, n_iter: int = 1, loss_fn=None):
         super().__init__(loss_fn)
-        check_nonnegative(self.name, beta=beta)
+        check_nonnegative(beta, f"{self.name}: beta")
         if int(n_iter) != n_iter or n_iter < 1:
             raise ValueError(f"jacobian-spectral: n_iter must be an integer ≥ 1, got {n_iter}")
         self.beta, self.n_iter = float(beta), int(n_iter)

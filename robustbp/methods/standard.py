@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Method, check_nonnegative, deliver, register
+from ..validation import check_nonnegative
+from .base import Method, deliver, register
 
 
 @register("standard")
@@ -32,7 +33,7 @@ class WeightPenalty(Method):
 
     def __init__(self, beta: float = 1e-4, loss_fn=None):
         super().__init__(loss_fn)
-        check_nonnegative(self.name, beta=beta)
+        check_nonnegative(beta, f"{self.name}: beta")
         self.beta = float(beta)
 
     def weight_penalty(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..passes import Linearization
-from .base import Method, check_nonnegative, deliver, register
+from ..validation import check_nonnegative
+from .base import Method, deliver, register
 from .ibp import invariant_backward, jacobian_vector_product
 
 TangentFn = Callable[[torch.Tensor], torch.Tensor]
@@ -53,7 +54,7 @@ def image_tangents(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
 class TangentMethod(Method):
     def __init__(self, beta: float, sigma: float, tangents: TangentFn | None, loss_fn):
         super().__init__(loss_fn)
-        check_nonnegative(self.name, beta=beta)
+        check_nonnegative(beta, f"{self.name}: beta")
         if not sigma > 0:
             raise ValueError(f"{self.name}: sigma (the smoothing scale) must be positive, got {sigma}")
         if tangents is not None and not callable(tangents):

@@ -11,16 +11,14 @@ over the old one, so a crash while writing leaves the previous version intact.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from robustbp.io import write_atomic, write_text
 from robustbp.training.config import TrainConfig
 
 CONFIG = "config.json"
@@ -30,30 +28,12 @@ MODEL = "model.pt"
 FORMAT = 1
 
 
-def atomic_write(path: str | Path, write: Callable[[Any], None], binary: bool = True) -> None:
-    """Call write(file) on a temporary file beside `path`, then move it over `path`."""
-    path = Path(path)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb" if binary else "w") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_torch(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda file: torch.save(obj, file))
+    write_atomic(path, lambda file: torch.save(obj, file))
 
 
 def save_json(obj: Any, path: str | Path) -> None:
-    atomic_write(path, lambda file: file.write(json.dumps(obj, indent=2) + "\n"), binary=False)
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def build_model(model_args: dict[str, Any]) -> nn.Module:

@@ -1,21 +1,17 @@
-"""Checks at the public boundary of attacks and evaluation, and guards that leave a model as found.
-
-Every public function of `robustbp.attacks` and `robustbp.evaluate` validates its inputs with these
-helpers, so a bad call fails with one clear `ValueError` before any work is done.
-"""
+"""The public input checks, one place for the whole package: methods, attacks, evaluation,
+training and models call these at their boundary, so a bad call fails with one ValueError that
+names the parameter and the value before any work is done. (The false-robustness warnings are
+`robustbp.evaluate.checks`.)"""
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 
-class MissingDependency(ImportError, ValueError):
-    """An optional dependency is not installed (an ImportError; also a ValueError, so callers
-    that turn bad-input errors into one line handle it the same way)."""
+class MissingDependency(ImportError):
+    """An optional dependency (the attack library) is not installed; the message says what to install."""
 
 
 def check_images(x: torch.Tensor, name: str = "images") -> None:
@@ -84,38 +80,20 @@ def check_gradient(gradient: str, first: int) -> None:
     check_positive_int(first, "first")
 
 
-@contextlib.contextmanager
-def preserved_mode(model: nn.Module) -> Iterator[None]:
-    """Restore every submodule's train/eval flag on exit, whatever happened inside."""
-    flags = [(module, module.training) for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put the model in eval mode inside the block and restore each submodule's previous flag after."""
-    with preserved_mode(model):
-        model.eval()
-        yield
-
-
-@contextlib.contextmanager
-def preserved_parameter_grads(model: nn.Module) -> Iterator[None]:
-    """Freeze parameters (requires_grad=False) inside the block and give back their `.grad` and flags.
-
-    For code we do not control (the attack library calls `model.zero_grad()` and `loss.backward()`),
-    so that an evaluation neither wipes nor adds to gradients a training loop has accumulated.
-    """
-    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    try:
-        for p, _, _ in saved:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, requires_grad, grad in saved:
-            p.requires_grad_(requires_grad)
-            p.grad = grad
+def check_batch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch: floating, finite inputs x of shape (B, ...), B ≥ 1, and integer class
+    labels y of shape (B,). Returns (x, y) with y as int64 (the dtype cross-entropy takes)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"inputs x must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8,
+                                                          torch.uint8):
+        raise ValueError(f"labels y must be an integer tensor, got {getattr(y, 'dtype', type(y).__name__)}")
+    if y.dim() != 1 or x.dim() < 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x and y must hold the same number of samples: x has shape {tuple(x.shape)}, y has shape {tuple(y.shape)}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"the batch is empty: x has shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("inputs x contain NaN or Inf")
+    return x, y.long()
