@@ -20,8 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from robustbp.validation import MissingDependency
 from typing import Any
+
+from robustbp.validation import MissingDependency
 
 PROG = "robustbp"
 
