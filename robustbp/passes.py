@@ -38,6 +38,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .operations import RULE_OF, VALUE_FUNCTIONS, Rule, function_name, is_in_place, is_observing, is_random
+from .validation import check_logits
 
 Tensor = torch.Tensor
 
@@ -650,7 +651,8 @@ def refuse_compiled(model: nn.Module) -> None:
 def _run(model: nn.Module, x: Tensor, mode: _Tracing, what: str):
     with mode:
         out = model(x)
-    if not isinstance(out, Tensor) or id(out) not in mode.traced:
+    check_logits(out, type(model).__name__)
+    if id(out) not in mode.traced:
         raise NotLinearizable(
             f"{type(model).__name__}'s output does not depend on its input through operations the {what} can "
             f"see (a C++ extension or compiled code in forward?)"

@@ -97,3 +97,14 @@ def check_batch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     if not bool(torch.isfinite(x).all()):
         raise ValueError("inputs x contain NaN or Inf")
     return x, y.long()
+
+
+def check_logits(logits, who: str) -> None:
+    """A classifier's output: one tensor of logits of shape (B, C)."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            f"{who}: the model must return a tensor of logits of shape (B, C); it returned a "
+            f"{type(logits).__name__} (wrap it so that forward returns the logits alone)"
+        )
+    if logits.dim() != 2:
+        raise ValueError(f"{who}: the model must return logits of shape (B, C), got {tuple(logits.shape)}")

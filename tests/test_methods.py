@@ -464,3 +464,40 @@ def test_gradients_reach_grad_through_autograd(name):
     params = list(model.parameters())
     assert sorted(last_seen) == list(range(len(params)))
     assert all(torch.equal(last_seen[i], p.grad) for i, p in enumerate(params))
+
+
+@pytest.mark.parametrize("name", ["standard", "loss-ibp", "prediction-ibp", "adversarial", "linbp"])
+def test_a_model_returning_a_tuple_gets_one_clear_error(name):
+    class TupleOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            hidden = x.flatten(1)
+            return self.fc(hidden).relu(), hidden
+
+    with pytest.raises(ValueError, match="must return a tensor of logits.*returned a tuple"):
+        methods.get(name).backward(TupleOut(), torch.rand(3, 1, 4, 4), torch.tensor([0, 1, 2]))
+
+
+def test_one_logit_with_cross_entropy_is_refused():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1))
+    with pytest.raises(ValueError, match="one logit per sample"):
+        methods.get("standard").backward(model, torch.rand(3, 1, 4, 4), torch.tensor([0, 0, 0]))
+
+
+def test_int32_labels_are_accepted_and_an_empty_batch_refused():
+    model, x, y = build("mlp")
+    got, _ = method_grads(model, methods.get("loss-ibp"), x, y.int())
+    want, _ = method_grads(model, methods.get("loss-ibp"), x, y)
+    assert relative_error(got, want) == 0.0
+    with pytest.raises(ValueError, match="the batch is empty"):
+        methods.get("standard").backward(model, x[:0], y[:0])
+
+
+def test_stats_count_the_clean_batch_correct():
+    model, x, y = build("cnn", train=False)
+    correct = int((model(x).argmax(1) == y).sum())
+    for name in methods.available():
+        assert methods.get(name).backward(copy.deepcopy(model), x, y).correct == correct, name

@@ -47,10 +47,10 @@ class Adversarial(Method):
         weight_of_clean = self.alpha if self.variant == "original" else 0.0
         if weight_of_clean > 0:  # g and the clean loss's parameter gradient from one backward
             lin = Linearization.record(model, x, capture_weights=True)
-            clean_loss = self.per_sample_loss(lin.logits, y).mean()
+            clean_loss = self.main_loss(lin.logits, y)
             input_grad, clean_terms = main_loss_terms(lin, clean_loss, x, scale=weight_of_clean)
         else:
-            clean_loss = self.per_sample_loss(model(x), y).mean()
+            clean_loss = self.main_loss(model(x), y)
             (input_grad,) = torch.autograd.grad(clean_loss, x)
             clean_terms = []
         step = input_grad.sign() if self.norm == "sign" else input_grad * x.shape[0]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..validation import check_batch
+from ..validation import check_batch, check_logits
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -29,11 +29,13 @@ def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torc
 
 @dataclass(frozen=True)
 class StepStats:
-    """loss = main_loss + reg_loss, as floats, for one batch."""
+    """loss = main_loss + reg_loss, as floats, for one batch; `correct` is how many samples of the
+    clean batch the model classified right in the method's own forward pass (no extra pass)."""
 
     loss: float
     main_loss: float
     reg_loss: float
+    correct: int
 
 
 class Method:
@@ -55,19 +57,30 @@ class Method:
     def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         params = trainable_parameters(model)
         x, y = check_batch(x, y)
+        self._correct = None
         if self.differentiates_twice:
             with sdpa_kernel(SDPBackend.MATH):
                 main, reg = self._backward(model, x, y, params)
         else:
             main, reg = self._backward(model, x, y, params)
-        return StepStats(loss=main + reg, main_loss=main, reg_loss=reg)
+        return StepStats(loss=main + reg, main_loss=main, reg_loss=reg, correct=self._correct)
 
     def _backward(self, model, x, y, params) -> tuple[float, float]:
         raise NotImplementedError
 
+    def main_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """L = (1/B) Σ_i ℓ_i on the clean batch's logits; also counts the correct predictions."""
+        losses = self.per_sample_loss(logits, y)
+        self._correct = int((logits.detach().argmax(dim=1) == y).sum())
+        return losses.mean()
+
     def per_sample_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if logits.dim() != 2:
-            raise ValueError(f"{self.name}: the model must return logits of shape (B, C), got {tuple(logits.shape)}")
+        check_logits(logits, self.name)
+        if logits.shape[1] == 1 and self.loss_fn is cross_entropy_per_sample:
+            raise ValueError(
+                f"{self.name}: the model returns one logit per sample, so cross-entropy is 0 whatever the weights; "
+                f"return one logit per class, or pass a loss_fn made for one output (binary cross-entropy)"
+            )
         num_classes = logits.shape[1]
         if int(y.min()) < 0 or int(y.max()) >= num_classes:
             raise ValueError(

@@ -46,7 +46,7 @@ def invariant_backward(
     batch = x.shape[0]
     x = x.detach().requires_grad_(True)
     lin = Linearization.record(model, x, capture_weights=True)
-    main_loss = method.per_sample_loss(lin.logits, y).mean()
+    main_loss = method.main_loss(lin.logits, y)
     if not lin.tape.fusable:
         return _invariant_backward_general(method, lin, main_loss, x, y, params, penalty_of_input_grad)
 
@@ -187,7 +187,7 @@ class DoubleBackprop(Method):
     def _backward(self, model, x, y, params):
         x = x.detach().requires_grad_(True)
         lin = Linearization.record(model, x)
-        main_loss = self.per_sample_loss(lin.logits, y).mean()
+        main_loss = self.main_loss(lin.logits, y)
         penalty_losses = self.per_sample_loss(lin.frozen_logits(x), y)
         (input_grad,) = torch.autograd.grad(penalty_losses.sum(), x, create_graph=True)
         reg_loss = lp_penalty(self.beta, self.p)(input_grad, x)
@@ -232,7 +232,7 @@ class PredictionIBP(Method):
     def _backward(self, model, x, y, params):
         x = x.detach().requires_grad_(True)
         lin = Linearization.record(model, x, capture_weights=True)
-        main_loss = self.per_sample_loss(lin.logits, y).mean()
+        main_loss = self.main_loss(lin.logits, y)
         if lin.tape.batch_coupled:
             input_grad, terms = penalty_input_grad(self, lin, x, y), [(main_loss, None)]
         else:

@@ -14,7 +14,7 @@ def _penalty_graph(method, model, x, y):
     """(x requiring grad, the recording, L, logits of the penalty's network)."""
     x = x.detach().requires_grad_(True)
     lin = Linearization.record(model, x)
-    main_loss = method.per_sample_loss(lin.logits, y).mean()
+    main_loss = method.main_loss(lin.logits, y)
     return x, lin, main_loss, lin.frozen_logits(x)
 
 

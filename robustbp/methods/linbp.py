@@ -99,7 +99,7 @@ class LinBP(Method):
 
     def _backward(self, model, x, y, params):
         with linbp_backward(model, self.first):
-            main_loss = self.per_sample_loss(model(x), y).mean()
+            main_loss = self.main_loss(model(x), y)
         deliver(params, [(main_loss, None)])
         return main_loss.item(), 0.0
 

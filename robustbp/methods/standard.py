@@ -13,7 +13,7 @@ class Standard(Method):
     """Plain backpropagation of L = (1/B) Σ_i ℓ_i."""
 
     def _backward(self, model, x, y, params):
-        main_loss = self.per_sample_loss(model(x), y).mean()
+        main_loss = self.main_loss(model(x), y)
         deliver(params, [(main_loss, None)])
         return main_loss.item(), 0.0
 
@@ -40,7 +40,7 @@ class WeightPenalty(Method):
         raise NotImplementedError
 
     def _backward(self, model, x, y, params):
-        main_loss = self.per_sample_loss(model(x), y).mean()
+        main_loss = self.main_loss(model(x), y)
         weights = layer_weights(model)
         reg_loss = self.beta * self.weight_penalty(weights) if weights else main_loss.new_zeros(())
         deliver(params, [(main_loss + reg_loss, None)])

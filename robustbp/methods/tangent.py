@@ -93,7 +93,7 @@ class TangentProp(TangentMethod):
         tangents = self.tangent_vectors(x)
         x = x.detach().requires_grad_(True)
         lin = Linearization.record(model, x)
-        main_loss = self.per_sample_loss(lin.logits, y).mean()
+        main_loss = self.main_loss(lin.logits, y)
         stacked = tangents.transpose(0, 1).reshape(-1, *x.shape[1:])
         jt = jacobian_vector_product(lin, stacked)
         reg_loss = self.beta * 0.5 * jt.pow(2).sum() / x.shape[0]
