@@ -20,23 +20,7 @@ from torch import nn
 from . import methods as method_registry
 from . import models as model_registry
 
-DEFAULT_METHODS = (
-    "standard",
-    "loss-ibp:p=1",
-    "loss-ibp:p=2",
-    "double-backprop",
-    "prediction-ibp",
-    "fast-tangent-prop",
-    "tangent-prop",
-    "adversarial",
-    "adversarial:variant=fast",
-    "adversarial-backprop",
-    "jacobian-frobenius",
-    "jacobian-spectral",
-    "spectral-bound",
-    "weight-decay",
-    "linbp",
-)
+DEFAULT_METHODS = method_registry.bench_specs()  # every method, and the choices each declares worth timing
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Leave a model as it was found: its train/eval flags (every submodule's) and its parameters' gradients."""
+"""Leave a model as it was found: its train/eval flags (every submodule's), its parameters' gradients,
+BatchNorm's running statistics."""
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 
@@ -42,3 +44,18 @@ def preserved_parameter_grads(model: nn.Module) -> Iterator[None]:
         for p, requires_grad, grad in saved:
             p.requires_grad_(requires_grad)
             p.grad = grad
+
+
+@contextlib.contextmanager
+def preserved_running_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics (and batch counts) as they were before the block: a second
+    forward in one training step (adversarial training's pass at x*) does not move them again."""
+    saved = [(buffer, buffer.clone()) for module in model.modules()
+             if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+             for buffer in (module.running_mean, module.running_var, module.num_batches_tracked) if buffer is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)

@@ -108,3 +108,40 @@ def check_logits(logits, who: str) -> None:
         )
     if logits.dim() != 2:
         raise ValueError(f"{who}: the model must return logits of shape (B, C), got {tuple(logits.shape)}")
+
+
+def check_integer(value, name: str, minimum: int = 1, also: tuple = ()) -> int:
+    """A count: an integer ≥ minimum (an integral float such as 2.0 from a config file is accepted),
+    or one of the special values in `also` (e.g. -1 for "exact")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or (
+            int(value) < minimum and int(value) not in also):
+        extra = "".join(f", or {v}" for v in also)
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+    return int(value)
+
+
+def check_positive(value, name: str) -> float:
+    number = check_nonnegative(value, name)
+    if number == 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def check_fraction(value, name: str) -> float:
+    number = check_nonnegative(value, name)
+    if number > 1:
+        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
+    return number
+
+
+def check_interval(value, name: str) -> tuple[float, float] | None:
+    """None, or a pair (low, high) of finite numbers with low < high."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"{name} must be a pair (low, high) of finite numbers with low < high, got {value!r}")
+    return (low, high)

@@ -9,9 +9,9 @@ from torch import nn
 
 import robustbp.methods as methods
 from robustbp.layers import Normalize
-from robustbp.methods.linbp import relu_calls
+from robustbp.methods.linbp import linbp_backward, relu_calls
 from robustbp.methods.tangent import image_tangents
-from robustbp.passes import NotLinearizable, UnsupportedModule
+from robustbp.passes import NotLinearizable
 
 from .reference import Reference, Residual, relative_error
 
@@ -501,3 +501,128 @@ def test_stats_count_the_clean_batch_correct():
     correct = int((model(x).argmax(1) == y).sum())
     for name in methods.available():
         assert methods.get(name).backward(copy.deepcopy(model), x, y).correct == correct, name
+
+
+def test_linbp_refuses_a_model_without_relu_and_differs_with_relu():
+    x = torch.rand(4, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    smooth, _, _ = build("mlp-smooth")
+    with pytest.raises(ValueError, match="applies no ReLU"):
+        with linbp_backward(smooth):
+            smooth(x)
+    relu_model, _, _ = build("mlp")
+    (bp,) = torch.autograd.grad(relu_model(x).pow(2).sum(), x)
+    with linbp_backward(relu_model, first=1):
+        out = relu_model(x)
+    (lin,) = torch.autograd.grad(out.pow(2).sum(), x)
+    assert not torch.allclose(bp, lin)
+    assert torch.equal(out, relu_model(x))  # forward values unchanged
+    with pytest.raises(ValueError, match="only 2 ReLU"):
+        with linbp_backward(relu_model, first=3):
+            relu_model(x)
+
+
+def _batch():
+    model, x, y = build("cnn", train=False)
+    return model, x, y
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m, x, y: (m, x, y[:-1]), "same number of samples"),
+        (lambda m, x, y: (m, x, y + 10), r"labels must lie in \[0, 5\)"),
+        (lambda m, x, y: (m, (x * 255).long(), y), "floating-point"),
+        (lambda m, x, y: (m, x.index_fill(0, torch.tensor([1]), float("nan")), y), "NaN or Inf"),
+        (lambda m, x, y: (m, x, y.double()), "integer tensor"),
+        (lambda m, x, y: (m.requires_grad_(False), x, y), "no trainable parameters"),
+    ],
+)
+@pytest.mark.parametrize("name", methods.available())
+def test_bad_batches_get_one_clear_error(name, change, message):
+    model, x, y = change(*_batch())
+    with pytest.raises(ValueError, match=message):
+        methods.get(name).backward(model, x, y)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("loss-ibp", dict(beta=-0.1), "loss-ibp: beta must be a finite number >= 0, got -0.1"),
+        ("loss-ibp", dict(p=3), "loss-ibp: p must be one of 1, 2, got 3"),
+        ("double-backprop", dict(p=0), "p must be one of 1, 2"),
+        ("adversarial", dict(eps=-1), "adversarial: eps must be a finite number >= 0"),
+        ("adversarial-backprop", dict(eps=float("nan")), "eps must be a finite number >= 0"),
+        ("adversarial", dict(norm="l3"), "adversarial: norm must be one of"),
+        ("adversarial", dict(variant="slow"), "variant must be one of"),
+        ("adversarial", dict(alpha=2), "adversarial: alpha must lie in"),
+        ("jacobian-frobenius", dict(n_proj=0), "n_proj must be"),
+        ("jacobian-spectral", dict(n_iter=0), "n_iter must be"),
+        ("tangent-prop", dict(sigma=0), "sigma"),
+        ("prediction-ibp", dict(direction="up"), "direction must be one of"),
+        ("linbp", dict(first=0), "first must be"),
+        ("standard", dict(beta=0.1), "has no parameter 'beta'"),
+        ("loss-ibp", dict(beta="abc"), "loss-ibp: beta must be a number >= 0, got 'abc'"),
+        ("loss-ibp", dict(beta=None), "loss-ibp: beta must be a number >= 0, got None"),
+        ("loss-ibp", dict(beta=float("inf")), "loss-ibp: beta must be a finite number >= 0, got inf"),
+        ("adversarial", dict(clip=1), "adversarial: clip must be a pair"),
+        ("adversarial", dict(clip=(1, 0)), "adversarial: clip must be a pair .* low < high"),
+        ("tangent-prop", dict(tangents=3), "tangent-prop: tangents must be a function"),
+        ("jacobian-frobenius", dict(n_proj=-2), "n_proj must be an integer >= 1, or -1"),
+        ("no-such-method", {}, "unknown method 'no-such-method'; available: adversarial"),
+    ],
+)
+def test_bad_parameters_get_one_clear_error(name, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        methods.get(name, **kwargs)
+
+
+def test_loss_fn_must_be_per_sample():
+    model, x, y = _batch()
+    method = methods.get("loss-ibp", loss_fn=lambda z, t: nn.functional.cross_entropy(z, t))
+    with pytest.raises(ValueError, match="reduction='none'"):
+        method.backward(model, x, y)
+
+
+def test_registry_lists_every_method_of_the_issue():
+    assert set(methods.available()) >= {
+        "standard", "loss-ibp", "double-backprop", "prediction-ibp", "tangent-prop", "fast-tangent-prop",
+        "adversarial", "adversarial-backprop", "jacobian-frobenius", "jacobian-spectral", "spectral-bound",
+        "weight-decay", "linbp",
+    }
+    assert set(ARCHITECTURES) >= {"mlp", "cnn", "dropout", "batchnorm", "residual"}
+
+
+def test_adversarial_moves_batchnorm_running_statistics_once_per_step():
+    """The forward at x* uses the batch's statistics but leaves the running ones to the clean pass."""
+    model, x, y = build("batchnorm")
+    standard_model, adversarial_model = copy.deepcopy(model), copy.deepcopy(model)
+    methods.get("standard").backward(standard_model, x, y)
+    methods.get("adversarial", eps=0.1).backward(adversarial_model, x, y)
+    for a, b in zip(standard_model.buffers(), adversarial_model.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_parameters_are_declared_once():
+    """parameters_of, the command line's options and bench's defaults come from the declarations."""
+    assert methods.parameters_of("loss-ibp") == {"beta": 0.01, "p": 1}
+    help_texts = methods.parameter_help()
+    parse, text, takers = help_texts["p"]
+    assert parse is int and "norm" in text and ("loss-ibp", 1) in takers and ("double-backprop", 1) in takers
+    assert help_texts["tangents"][0] is None  # a function: settable from Python only
+    assert "loss-ibp:p=2" in methods.bench_specs() and "adversarial:variant=fast" in methods.bench_specs()
+    assert set(methods.available()) <= set(methods.bench_specs())
+    assert repr(methods.get("loss-ibp", beta=0.5)) == "LossIBP(beta=0.5, p=1)"
+
+
+def test_methods_declare_their_persistent_state():
+    model, x, y = build("cnn")
+    bound = methods.get("spectral-bound", beta=0.1)
+    bound.backward(model, x, y)
+    state = bound.state_dict(model)
+    assert set(state) == {"1.weight", "4.weight", "7.weight"}
+    restored = methods.get("spectral-bound", beta=0.1)
+    restored.load_state_dict(model, state)
+    assert all(torch.equal(restored.state_dict(model)[k], v) for k, v in state.items())
+    assert methods.get("loss-ibp").state_dict(model) == {}
+    with pytest.raises(ValueError, match="keeps no state"):
+        methods.get("loss-ibp").load_state_dict(model, state)

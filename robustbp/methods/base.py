@@ -8,16 +8,17 @@ The gradient of the whole objective is *added* to each trainable parameter's `.g
 """
 from __future__ import annotations
 
-import inspect
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..validation import check_batch, check_logits
+from ..validation import check_batch, check_logits, check_nonnegative
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,21 +39,77 @@ class StepStats:
     correct: int
 
 
+@dataclass(frozen=True)
+class Parameter:
+    """What a method declares about one of its parameters (the dataclass field's metadata).
+
+    help   one line for `robustbp methods` and the command line;
+    check  (value, "method: name") -> the value to store, raising ValueError that names both;
+    parse  command-line text -> value (None: settable from Python only, e.g. a function);
+    bench  values `robustbp bench` times besides the default (a choice that changes the cost).
+    """
+
+    help: str
+    check: Callable[[Any, str], Any]
+    parse: Callable[[str], Any] | None = float
+    bench: tuple = ()
+
+
+def parameter(default, help: str, check: Callable[[Any, str], Any], parse: Callable[[str], Any] | None = float,
+              bench: tuple = ()):
+    """Declare a method parameter: `beta: float = parameter(0.01, "penalty weight β", nonnegative)`."""
+    return field(default=default, metadata={"parameter": Parameter(help, check, parse, bench)})
+
+
+def choice(*choices):
+    """A check that the value is one of `choices`."""
+    def check(value, name):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    return check
+
+
+def penalty_weight(default: float):
+    return parameter(default, "penalty weight β", check_nonnegative)
+
+
+def declared_parameters(cls) -> dict[str, tuple[Any, Parameter]]:
+    """name -> (default, declaration) for every parameter a method class declares, in order."""
+    return {f.name: (f.default, f.metadata["parameter"]) for f in dataclasses.fields(cls) if "parameter" in f.metadata}
+
+
+@dataclass(eq=False, repr=False)
 class Method:
     """Base class: checks the batch, then calls `_backward`, which subclasses implement.
 
-    `loss_fn(logits, labels)` must return one loss per sample, shape (B,);
-    the default is cross-entropy.
+    A method's parameters are dataclass fields declared with `parameter(...)`; each is checked
+    once, here, when the method is built. `loss_fn(logits, labels)` must return one loss per
+    sample, shape (B,); the default is cross-entropy.
     """
 
-    name: str = ""
-    holds_constant: str = "nothing (the exact gradient of its objective)"
+    loss_fn: LossFn | None = field(default=None, kw_only=True)
+
+    name: ClassVar[str] = ""
+    holds_constant: ClassVar[str] = "nothing (the exact gradient of its objective)"
     # The method differentiates through its own gradient: attention then runs on PyTorch's math
     # kernel, since the fused CPU kernel has no double backward.
-    differentiates_twice: bool = False
+    differentiates_twice: ClassVar[bool] = False
 
-    def __init__(self, loss_fn: LossFn | None = None):
-        self.loss_fn = loss_fn or cross_entropy_per_sample
+    def __post_init__(self):
+        self.loss_fn = self.loss_fn or cross_entropy_per_sample
+        if not callable(self.loss_fn):
+            raise ValueError(f"{self.name}: loss_fn must be a function (logits, labels) -> per-sample losses")
+        for key, (_, declaration) in declared_parameters(type(self)).items():
+            setattr(self, key, declaration.check(getattr(self, key), f"{self.name}: {key}"))
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The method's persistent state between steps, for checkpoints (empty for most methods)."""
+        return {}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state between steps, but the checkpoint holds {sorted(state)}")
 
     def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         params = trainable_parameters(model)
@@ -96,7 +153,7 @@ class Method:
         return losses
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if k != "loss_fn" and not k.startswith("_"))
+        args = ", ".join(f"{key}={getattr(self, key)!r}" for key in declared_parameters(type(self)))
         return f"{type(self).__name__}({args})"
 
 
@@ -135,9 +192,11 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(name: str):
-    """Class decorator: make a Method available as `robustbp.methods.get(name, ...)`."""
+    """Class decorator: make a Method (a dataclass: its `parameter(...)` fields are its parameters)
+    available as `robustbp.methods.get(name, ...)`."""
 
     def decorate(cls: type[Method]) -> type[Method]:
+        cls = dataclass(eq=False, repr=False)(cls)
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -156,11 +215,31 @@ def method_class(name: str) -> type[Method]:
 
 
 def parameters_of(name: str) -> dict[str, object]:
-    """The keyword parameters a method takes and their defaults."""
-    signature = inspect.signature(method_class(name).__init__)
-    return {
-        key: p.default for key, p in signature.parameters.items() if key not in ("self", "loss_fn")
-    }
+    """The parameters a method declares and their defaults."""
+    return {key: default for key, (default, _) in declared_parameters(method_class(name)).items()}
+
+
+def parameter_help() -> dict[str, tuple[Callable[[str], Any] | None, str, list[tuple[str, Any]]]]:
+    """Every parameter name across the registry -> (parse, help, [(method, default), ...]),
+    for the command line; the first declaration's parse and help stand for the name."""
+    options: dict[str, tuple] = {}
+    for method in available():
+        for key, (default, declaration) in declared_parameters(method_class(method)).items():
+            parse, text, takers = options.setdefault(key, (declaration.parse, declaration.help, []))
+            takers.append((method, default))
+    return options
+
+
+def bench_specs() -> tuple[str, ...]:
+    """What `robustbp bench` times by default: every method at its defaults (standard first), and
+    each value a method declares as worth timing, as "name:key=value"."""
+    specs = ["standard"]
+    for method in available():
+        if method != "standard":
+            specs.append(method)
+        for key, (_, declaration) in declared_parameters(method_class(method)).items():
+            specs += [f"{method}:{key}={value}" for value in declaration.bench]
+    return tuple(specs)
 
 
 def get(name: str, **kwargs) -> Method:

@@ -9,8 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..passes import Linearization, bias_gradient, weight_gradient
-from ..validation import check_nonnegative
-from .base import Method, deliver, register
+from .base import Method, choice, deliver, parameter, penalty_weight, register
 
 
 def invariant_backward(
@@ -138,12 +137,6 @@ def lp_penalty(beta: float, p: int):
     return penalty
 
 
-def check_p(name: str, p) -> int:
-    if p not in (1, 2):
-        raise ValueError(f"{name}: p must be 1 or 2, got {p!r}")
-    return int(p)
-
-
 @register("loss-ibp")
 class LossIBP(Method):
     """Loss IBP (Invariant BP): L + β·(1/B) Σ_i (1/p)‖g_i‖_p^p, p ∈ {1, 2}.
@@ -159,10 +152,9 @@ class LossIBP(Method):
 
     holds_constant = "∂ℓ/∂z, the derivative of every nonlinear operation at the recorded point (parameters inside an operation live), BatchNorm batch statistics, dropout masks"
 
-    def __init__(self, beta: float = 0.01, p: int = 1, loss_fn=None):
-        super().__init__(loss_fn)
-        check_nonnegative(beta, f"{self.name}: beta")
-        self.beta, self.p = float(beta), check_p(self.name, p)
+    beta: float = penalty_weight(0.01)
+    p: int = parameter(1, "norm of the input-gradient penalty: 1 (propagates sign(g)) or 2", choice(1, 2),
+                       parse=int, bench=(2,))
 
     def _backward(self, model, x, y, params):
         return invariant_backward(self, model, x, y, params, lp_penalty(self.beta, self.p))
@@ -179,10 +171,8 @@ class DoubleBackprop(Method):
 
     differentiates_twice = True
 
-    def __init__(self, beta: float = 0.01, p: int = 1, loss_fn=None):
-        super().__init__(loss_fn)
-        check_nonnegative(beta, f"{self.name}: beta")
-        self.beta, self.p = float(beta), check_p(self.name, p)
+    beta: float = penalty_weight(0.01)
+    p: int = parameter(1, "norm of the input-gradient penalty: 1 or 2", choice(1, 2), parse=int)
 
     def _backward(self, model, x, y, params):
         x = x.detach().requires_grad_(True)
@@ -191,7 +181,7 @@ class DoubleBackprop(Method):
         penalty_losses = self.per_sample_loss(lin.frozen_logits(x), y)
         (input_grad,) = torch.autograd.grad(penalty_losses.sum(), x, create_graph=True)
         reg_loss = lp_penalty(self.beta, self.p)(input_grad, x)
-        torch.autograd.backward(main_loss + reg_loss, inputs=params)
+        deliver(params, [(main_loss + reg_loss, None)])
         return main_loss.item(), reg_loss.item()
 
 
@@ -222,12 +212,9 @@ class PredictionIBP(Method):
 
     differentiates_twice = True
 
-    def __init__(self, beta: float = 0.01, direction: str = "sign", loss_fn=None):
-        super().__init__(loss_fn)
-        check_nonnegative(beta, f"{self.name}: beta")
-        if direction not in ("sign", "grad"):
-            raise ValueError(f"prediction-ibp: direction must be 'sign' or 'grad', got {direction!r}")
-        self.beta, self.direction = float(beta), direction
+    beta: float = penalty_weight(0.01)
+    direction: str = parameter("sign", "direction v of the Jacobian penalty: sign(g) or g itself",
+                               choice("sign", "grad"), parse=str)
 
     def _backward(self, model, x, y, params):
         x = x.detach().requires_grad_(True)

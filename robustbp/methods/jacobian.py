@@ -6,8 +6,8 @@ import torch
 
 from ..passes import Linearization
 from ..power_iteration import per_sample_norm, power_iteration
-from ..validation import check_nonnegative
-from .base import Method, register
+from ..validation import check_integer
+from .base import Method, deliver, parameter, penalty_weight, register
 
 
 def _penalty_graph(method, model, x, y):
@@ -32,12 +32,9 @@ class JacobianFrobenius(Method):
 
     differentiates_twice = True
 
-    def __init__(self, beta: float = 0.01, n_proj: int = 1, loss_fn=None):
-        super().__init__(loss_fn)
-        check_nonnegative(beta, f"{self.name}: beta")
-        if int(n_proj) != n_proj or not (n_proj >= 1 or n_proj == -1):
-            raise ValueError(f"jacobian-frobenius: n_proj must be an integer ≥ 1, or -1 for exact, got {n_proj}")
-        self.beta, self.n_proj = float(beta), int(n_proj)
+    beta: float = penalty_weight(0.01)
+    n_proj: int = parameter(1, "random projections estimating the Frobenius norm (-1: exact, C projections)",
+                            lambda value, name: check_integer(value, name, 1, also=(-1,)), parse=int)
 
     def projections(self, logits: torch.Tensor) -> torch.Tensor:
         """(n, B, C) projection vectors and their count n."""
@@ -55,7 +52,7 @@ class JacobianFrobenius(Method):
             torch.autograd.grad(logits, x, v, create_graph=True)[0].pow(2).sum() for v in directions
         )
         reg_loss = self.beta * (classes / len(directions)) * squared / x.shape[0]
-        torch.autograd.backward(main_loss + reg_loss, inputs=params)
+        deliver(params, [(main_loss + reg_loss, None)])
         return main_loss.item(), reg_loss.item()
 
 
@@ -73,16 +70,12 @@ class JacobianSpectral(Method):
 
     differentiates_twice = True
 
-    def __init__(self, beta: float = 0.01, n_iter: int = 1, loss_fn=None):
-        super().__init__(loss_fn)
-        check_nonnegative(beta, f"{self.name}: beta")
-        if int(n_iter) != n_iter or n_iter < 1:
-            raise ValueError(f"jacobian-spectral: n_iter must be an integer ≥ 1, got {n_iter}")
-        self.beta, self.n_iter = float(beta), int(n_iter)
+    beta: float = penalty_weight(0.01)
+    n_iter: int = parameter(1, "power iterations per step", check_integer, parse=int)
 
     def _backward(self, model, x, y, params):
         x, lin, main_loss, logits = _penalty_graph(self, model, x, y)
         jacobian_t_u = power_iteration(lin, logits, torch.randn_like(x), self.n_iter, create_graph=True)
         reg_loss = self.beta * per_sample_norm(jacobian_t_u).mean()
-        torch.autograd.backward(main_loss + reg_loss, inputs=params)
+        deliver(params, [(main_loss + reg_loss, None)])
         return main_loss.item(), reg_loss.item()

@@ -11,7 +11,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..operations import RULE_OF
-from .base import Method, deliver, register
+from ..validation import check_integer
+from .base import Method, deliver, parameter, register
 
 
 class _ReLUIdentityBackward(torch.autograd.Function):
@@ -91,11 +92,7 @@ class LinBP(Method):
 
     holds_constant = "nothing; the backward replaces each linearized ReLU's derivative by 1"
 
-    def __init__(self, first: int = 1, loss_fn=None):
-        super().__init__(loss_fn)
-        if int(first) != first or first < 1:
-            raise ValueError(f"linbp: first must be an integer ≥ 1, got {first}")
-        self.first = int(first)
+    first: int = parameter(1, "give every ReLU call from this one on (1-based) derivative 1", check_integer, parse=int)
 
     def _backward(self, model, x, y, params):
         with linbp_backward(model, self.first):

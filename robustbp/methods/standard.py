@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..validation import check_nonnegative
-from .base import Method, deliver, register
+from dataclasses import dataclass, field
+
+from ..validation import check_integer
+from .base import Method, deliver, parameter, penalty_weight, register
 
 
 @register("standard")
@@ -28,13 +30,11 @@ def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+@dataclass(eq=False, repr=False)
 class WeightPenalty(Method):
     """L + β·R(W), where R depends on the layer weights only (no batch average)."""
 
-    def __init__(self, beta: float = 1e-4, loss_fn=None):
-        super().__init__(loss_fn)
-        check_nonnegative(beta, f"{self.name}: beta")
-        self.beta = float(beta)
+    beta: float = penalty_weight(1e-4)
 
     def weight_penalty(self, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -66,12 +66,8 @@ class SpectralBound(WeightPenalty):
 
     holds_constant = "the singular-vector estimates u, v of each weight"
 
-    def __init__(self, beta: float = 1e-4, n_iter: int = 1, loss_fn=None):
-        super().__init__(beta, loss_fn)
-        if int(n_iter) != n_iter or n_iter < 1:
-            raise ValueError(f"spectral-bound: n_iter must be an integer ≥ 1, got {n_iter}")
-        self.n_iter = int(n_iter)
-        self._left_vectors: dict[str, torch.Tensor] = {}  # weight name ("fc1.weight") -> u
+    n_iter: int = parameter(1, "power iterations per step", check_integer, parse=int)
+    _left_vectors: dict = field(default_factory=dict, init=False)  # weight name ("fc1.weight") -> u
 
     def weight_penalty(self, weights):
         return sum(self.largest_singular_value(name, w) ** 2 for name, w in weights.items())

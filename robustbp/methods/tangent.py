@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from ..passes import Linearization
-from ..validation import check_nonnegative
-from .base import Method, deliver, register
+from dataclasses import dataclass
+
+from ..validation import check_positive
+from .base import Method, deliver, parameter, penalty_weight, register
 from .ibp import invariant_backward, jacobian_vector_product
 
 TangentFn = Callable[[torch.Tensor], torch.Tensor]
@@ -51,15 +53,18 @@ def image_tangents(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     return tangents.reshape(batch, channels, 5, height, width).transpose(1, 2)
 
 
+def _check_tangents(value, name):
+    if value is not None and not callable(value):
+        raise ValueError(f"{name} must be a function x -> (B, T, *x.shape[1:]), got {value!r}")
+    return value
+
+
+@dataclass(eq=False, repr=False)
 class TangentMethod(Method):
-    def __init__(self, beta: float, sigma: float, tangents: TangentFn | None, loss_fn):
-        super().__init__(loss_fn)
-        check_nonnegative(beta, f"{self.name}: beta")
-        if not sigma > 0:
-            raise ValueError(f"{self.name}: sigma (the smoothing scale) must be positive, got {sigma}")
-        if tangents is not None and not callable(tangents):
-            raise ValueError(f"{self.name}: tangents must be a callable x -> (B, T, *x.shape[1:])")
-        self.beta, self.sigma, self.tangents = float(beta), float(sigma), tangents
+    beta: float = penalty_weight(0.01)
+    sigma: float = parameter(1.0, "smoothing scale σ of the image tangents, in pixels", check_positive)
+    tangents: TangentFn | None = parameter(None, "a function x -> (B, T, ...) of your own tangent vectors",
+                                           _check_tangents, parse=None)
 
     def tangent_vectors(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) tangent vectors of the batch, held constant."""
@@ -86,9 +91,6 @@ class TangentProp(TangentMethod):
 
     differentiates_twice = True
 
-    def __init__(self, beta: float = 0.01, sigma: float = 1.0, tangents: TangentFn | None = None, loss_fn=None):
-        super().__init__(beta, sigma, tangents, loss_fn)
-
     def _backward(self, model, x, y, params):
         tangents = self.tangent_vectors(x)
         x = x.detach().requires_grad_(True)
@@ -108,9 +110,6 @@ class FastTangentProp(TangentMethod):
     forward pass of h_i = β Σ_t (g_i·t_i)·t_i, at the cost of Loss IBP."""
 
     holds_constant = "the tangent vectors, ∂ℓ/∂z and the derivatives of nonlinear operations, as loss-ibp"
-
-    def __init__(self, beta: float = 0.01, sigma: float = 1.0, tangents: TangentFn | None = None, loss_fn=None):
-        super().__init__(beta, sigma, tangents, loss_fn)
 
     def _backward(self, model, x, y, params):
         tangents = self.tangent_vectors(x)
