@@ -24,7 +24,15 @@ def test_bench_prints_a_ratio_for_every_method(tmp_path, capsys):
     assert all(ratio > 0 for ratio in rows.values())
     assert {parse_method(spec)[0] for spec in rows} == set(methods.available())
     saved = json.loads(out.read_text())
-    assert [t["method"] for t in saved["setups"][0]["timings"]] == list(DEFAULT_METHODS)
+    timings = {t["method"]: t for t in saved["setups"][0]["timings"]}
+    assert list(timings) == list(DEFAULT_METHODS)
+    standard_ms = timings["standard"]["median_ms"]
+    for t in timings.values():  # each ratio is that method's median over standard's, from the same rounds
+        assert t["median_ms"] > 0 and abs(t["ratio"] - t["median_ms"] / standard_ms) <= 1e-9 * t["ratio"]
+    # what autograd saves is deterministic: five stacked tangents save more than a plain step,
+    # and the weight penalties save no more than standard
+    assert timings["tangent-prop"]["saved_mib"] > timings["standard"]["saved_mib"] > 0
+    assert timings["weight-decay"]["saved_mib"] <= 1.01 * timings["standard"]["saved_mib"]
 
 
 def test_bench_rejects_an_unknown_method_option(capsys):

@@ -583,7 +583,7 @@ def test_loss_fn_must_be_per_sample():
         method.backward(model, x, y)
 
 
-def test_registry_lists_every_method_of_the_issue():
+def test_registry_lists_every_method_of_the_papers():
     assert set(methods.available()) >= {
         "standard", "loss-ibp", "double-backprop", "prediction-ibp", "tangent-prop", "fast-tangent-prop",
         "adversarial", "adversarial-backprop", "jacobian-frobenius", "jacobian-spectral", "spectral-bound",
