@@ -30,9 +30,9 @@ def test_bench_prints_a_ratio_for_every_method(tmp_path, capsys):
     for t in timings.values():  # each ratio is that method's median over standard's, from the same rounds
         assert t["median_ms"] > 0 and abs(t["ratio"] - t["median_ms"] / standard_ms) <= 1e-9 * t["ratio"]
     # what autograd saves is deterministic: five stacked tangents save more than a plain step, and
-    # LinBP's ReLUs (derivative 1) save nothing where nn.ReLU saves its output
+    # LinBP's ReLUs (derivative 1) save nothing beyond what the next layer keeps
     assert timings["tangent-prop"]["saved_mib"] > timings["standard"]["saved_mib"] > 0
-    assert timings["linbp"]["saved_mib"] < timings["standard"]["saved_mib"]
+    assert timings["linbp"]["saved_mib"] <= timings["standard"]["saved_mib"]
 
 
 def test_bench_rejects_an_unknown_method_option(capsys):
