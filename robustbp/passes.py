@@ -209,7 +209,7 @@ def _fits(rule: Rule, func, args, kwargs, slots) -> bool:
         return not is_in_place(func) or positions[0] == (0,)
     if kind == "scaling":
         name = function_name(func)
-        if len(positions) != 1:
+        if len(positions) != 1 or kwargs.get("rounding_mode") is not None:  # floor division is not linear
             return False
         return positions[0] == (0,) or name in ("mul", "__mul__", "__rmul__")
     if kind == "structural":

@@ -69,3 +69,36 @@ def test_exact_replay_through_layer_norm_matches_finite_differences():
             weight.view(-1)[index] = original
             numeric.view(-1)[index] = (up - down) / (2 * step)
     assert float((got - numeric).norm() / numeric.norm()) <= 1e-6
+
+
+class _Odd(nn.Module):
+    """Operations a forward may apply to activations, each one with its own route in the replay."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(16, 8), nn.Linear(12, 3)
+        self.token = nn.Parameter(torch.randn(1, 4, dtype=torch.float64))
+        self.register_buffer("index", torch.tensor([3, 1, 0, 2]))
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        hidden = self.first(flat)
+        hidden = 1 - hidden + 2 * torch.div(flat[:, :8] * 10, 3, rounding_mode="floor")  # floor: derivative 0
+        hidden = torch.where(hidden > 0, hidden, 0.5 * hidden.pow(2)) / 2
+        picked = hidden[:, self.index]                                   # a constant index tensor
+        joined = torch.cat([self.token.expand(x.shape[0], -1), picked, hidden[:, 4:].sin()], dim=1)
+        if bool(joined.sum() > -1e9):                                    # control flow on a value
+            joined = joined.clamp(-3, 3)
+        return self.second(joined)
+
+
+def test_the_replay_is_the_forward_mode_derivative_on_odd_operations():
+    torch.manual_seed(0)
+    model = _Odd().double()
+    x = torch.rand(5, 1, 4, 4, dtype=torch.float64)
+    h = torch.randn_like(x)
+    lin = Linearization.record(model, x.clone().requires_grad_(True))
+    _, want = torch.func.jvp(model, (x,), (h,))
+    assert torch.allclose(lin.jvp(h), want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(lin.jvp(h, exact=True), want, rtol=1e-10, atol=1e-12)
+    assert lin.tape.general_steps  # where, sin, clamp, indexing by a tensor: the general route
