@@ -192,13 +192,13 @@ def as_json(timings: list[MethodTiming]) -> list[dict]:
 
 
 def trainer_overhead(rounds: int = 3, model_name: str = "ibp-mnist", batch_size: int = 128, seed: int = 0) -> dict:
-    """One epoch of `standard` on mnist-5k through `robustbp.train` against a plain hand-written
+    """One epoch of `standard` on mnist-5k through `robustbp.training` against a plain hand-written
     PyTorch loop over the same data, model and batches, interleaved; seconds of training steps."""
     import torch.nn.functional as F
 
     from .data import load
-    from .train import TrainConfig, train
-    from .training.loop import model_args_for
+    from .training import TrainConfig, train
+    from .training.data import model_args_for
 
     config = TrainConfig(dataset="mnist-5k", model=model_name, method="standard", epochs=1, batch_size=batch_size,
                          seed=seed, schedule="constant")

@@ -6,23 +6,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import stat
 
 import pytest
 import torch
+from torch import nn
 
-from robustbp import methods
-from robustbp.train import (
+from robustbp import methods, models
+from robustbp.layers import Normalize
+from robustbp.methods import StepStats
+from robustbp.training import (
     NonFiniteLoss,
     TrainConfig,
     load_run,
     make_scheduler,
     parse_schedule,
+    prepare_data,
     read_history,
     train,
 )
-from robustbp.training import runs
-from robustbp.training.loop import CleanBatchAccuracy
+from robustbp.training import loop, runs
 
 from .helpers import one_thread_per_module  # noqa: F401 (autouse fixture)
 
@@ -123,6 +128,21 @@ def test_resume_can_extend_the_epochs(tmp_path):
     assert_same_weights(extended.model, full.model)
 
 
+def test_resume_refuses_fewer_epochs_than_already_trained(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(epochs=3), run, progress=False)
+    model_file = (run / "model.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"with epochs 2: it has already trained 3 epochs; resume with epochs >= 3"):
+        train(tiny(epochs=2), run, resume=True, progress=False)
+    assert (run / "model.pt").read_bytes() == model_file
+    assert [e["epoch"] for e in read_history(run)["epochs"]] == [1, 2, 3]
+
+    ctrl_c = CountingLoss(at=10 + 4, action=lambda loss: signal.raise_signal(signal.SIGINT))
+    assert train(tiny(), tmp_path / "mid", progress=False, loss_fn=ctrl_c).status == "interrupted"
+    with pytest.raises(ValueError, match=r"already trained 1 epoch and 4 steps of epoch 2; resume with epochs >= 2"):
+        train(tiny(epochs=1), tmp_path / "mid", resume=True, progress=False)
+
+
 def test_resume_refuses_other_settings_and_missing_checkpoints(tmp_path):
     train(tiny(epochs=1), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="lr"):
@@ -184,6 +204,66 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+def test_run_files_have_ordinary_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        train(tiny(epochs=1, train_size=64), tmp_path / "run", progress=False)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").iterdir()}
+    assert modes == {"checkpoint.pt": 0o644, "config.json": 0o644, "history.json": 0o644, "model.pt": 0o644}
+
+
+# ------------------------------------------------------------------ older run folders
+FORMAT_1_CHECKPOINT = {"format", "config", "model_args", "epoch", "step", "partial", "model", "optimizer",
+                       "scheduler", "rng", "method", "history"}
+
+
+def as_format_1(folder):
+    """Rewrite a run folder as robustbp wrote it in format 1: the same fields, but "method" None
+    for a method without state."""
+    checkpoint = torch.load(folder / "checkpoint.pt", weights_only=False)
+    assert set(checkpoint) == FORMAT_1_CHECKPOINT
+    checkpoint["format"] = 1
+    checkpoint["method"] = checkpoint["method"] or None
+    torch.save(checkpoint, folder / "checkpoint.pt")
+    if (folder / "model.pt").exists():
+        final = torch.load(folder / "model.pt", weights_only=False)
+        assert set(final) == {"format", "config", "model_args", "state_dict"}
+        torch.save({**final, "format": 1}, folder / "model.pt")
+
+
+def test_format_1_runs_load_and_resume_exactly(tmp_path):
+    config = tiny(epochs=2)
+    reference = train(config, None, progress=False)
+    ctrl_c = CountingLoss(at=10 + 4, action=lambda loss: signal.raise_signal(signal.SIGINT))
+    assert train(config, tmp_path / "run", progress=False, loss_fn=ctrl_c).status == "interrupted"
+    as_format_1(tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["method"] is None
+
+    resumed = train(config, tmp_path / "run", resume=True, progress=False)
+    assert_same_weights(resumed.model, reference.model)
+    assert without_times(resumed.history) == without_times(reference.history)
+    as_format_1(tmp_path / "run")
+    model, loaded_config = load_run(tmp_path / "run")
+    assert loaded_config == config
+    assert_same_weights(model, reference.model)
+    extended = train(config.replace(epochs=3), tmp_path / "run", resume=True, progress=False)
+    assert [e["epoch"] for e in extended.history] == [1, 2, 3]
+
+
+def test_a_newer_format_is_refused_clearly(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(epochs=1), run, progress=False)
+    for name in ("checkpoint.pt", "model.pt"):
+        saved = torch.load(run / name, weights_only=False)
+        torch.save({**saved, "format": runs.FORMAT + 1}, run / name)
+    with pytest.raises(ValueError, match=f"format {runs.FORMAT + 1}, written by a newer robustbp"):
+        load_run(run)
+    with pytest.raises(ValueError, match="written by a newer robustbp"):
+        train(tiny(epochs=2), run, resume=True, progress=False)
+
+
 # -------------------------------------------------------------------------- non-finite
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path):
     run = tmp_path / "run"
@@ -234,28 +314,10 @@ def test_train_error_comes_from_the_clean_forward_pass(tmp_path):
     """For standard BP the running error is exactly that of the clean batches it trained on."""
     config = tiny(epochs=1, lr=1e-9, momentum=0.0, schedule="constant", batch_size=320)
     result = train(config, None, progress=False)
-    from robustbp.training.loop import prepare_data
-
     splits = prepare_data(config)
     with torch.no_grad():
         wrong = (result.model(splits.train.images).argmax(1) != splits.train.labels).sum().item() / 320
     assert result.history[0]["train_error"] == pytest.approx(100 * wrong, abs=1e-6)
-
-
-def test_accuracy_falls_back_to_an_eval_pass_when_the_method_copies_the_batch():
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    counter = CleanBatchAccuracy(model, torch.device("cpu"))
-    x, y = torch.rand(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1])
-    counter.arm(x, y)
-    model(x.clone())  # a copy: not recognised as the clean batch
-    assert counter.seen == 0
-    counter.fallback()
-    expected = (model(x).argmax(1) == y).sum().item()
-    assert counter.seen == 5 and counter.correct.item() == expected
-    counter.arm(x, y)
-    model(x.detach().requires_grad_(True))  # the same storage: counted
-    assert counter.seen == 10
-    counter.close()
 
 
 @pytest.mark.parametrize("method", methods.available())
@@ -265,6 +327,58 @@ def test_every_registered_method_trains(method, tmp_path):
     (epoch,) = result.history
     assert math.isfinite(epoch["loss"]) and 0 <= epoch["test_error"] <= 100
     assert epoch["train_error"] is not None
+
+
+class MethodWithoutState:
+    """A method as written before Method had state_dict: a name and backward, and no correct count."""
+
+    name = "plain"
+
+    def __init__(self, loss_fn=None):
+        self.standard = methods.get("standard", **({"loss_fn": loss_fn} if loss_fn else {}))
+
+    def backward(self, model, x, y):
+        stats = self.standard.backward(model, x, y)
+        return StepStats(stats.loss, stats.main_loss, stats.reg_loss, None)
+
+
+def test_a_method_without_state_dict_trains_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "make_method", lambda config, loss_fn=None: MethodWithoutState(loss_fn))
+    reference = train(tiny(epochs=2), None, progress=False)
+    ctrl_c = CountingLoss(at=4, action=lambda loss: signal.raise_signal(signal.SIGINT))
+    assert train(tiny(epochs=2), tmp_path / "run", progress=False, loss_fn=ctrl_c).status == "interrupted"
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["method"] == {}
+    resumed = train(tiny(epochs=2), tmp_path / "run", resume=True, progress=False)
+    assert_same_weights(resumed.model, reference.model)
+    assert [e["train_error"] for e in resumed.history] == [None, None]  # no count reported
+
+
+def test_training_keeps_a_frozen_batchnorm_frozen(tmp_path, monkeypatch):
+    built = []
+
+    def frozen_batchnorm_mlp(in_channels, image_size, num_classes, mean, std):
+        """Two hidden layers with BatchNorm; the builder freezes the first BatchNorm (eval mode)."""
+        model = nn.Sequential(
+            Normalize(mean, std), nn.Flatten(), nn.Linear(in_channels * image_size[0] * image_size[1], 16),
+            nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, num_classes),
+        )
+        model[3].eval()
+        built.append(model)
+        return model
+
+    monkeypatch.setattr(models.registry, "_REGISTRY", dict(models.registry._REGISTRY))
+    models.register("frozen-bn-mlp")(frozen_batchnorm_mlp)
+    modes = []
+
+    def loss_fn(logits, labels):
+        modes.append((built[-1][3].training, built[-1][6].training))
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+
+    result = train(tiny(model="frozen-bn-mlp", epochs=2, train_size=64, val_size=50), None, progress=False, loss_fn=loss_fn)
+    assert modes == [(False, True)] * 4  # 2 epochs of 2 steps, evaluated after each
+    frozen, trained = result.model[3], result.model[6]
+    assert frozen.num_batches_tracked.item() == 0 and torch.equal(frozen.running_mean, torch.zeros(16))
+    assert trained.num_batches_tracked.item() == 4
 
 
 # ------------------------------------------------------------------- config, schedules

@@ -1,17 +1,19 @@
-"""A run folder on disk, and reading a trained run back.
+"""Run folders: what a run writes, when a folder may be written or resumed, and reading a run back.
 
     runs/x/config.json     the TrainConfig, every setting
-    runs/x/history.json    {"status": ..., "epochs": [per-epoch numbers]}
-    runs/x/checkpoint.pt   everything needed to resume (model, optimizer, scheduler, RNG states, ...)
+    runs/x/history.json    {"status": ..., "epochs": [per-epoch numbers]} (and "message" if it diverged)
+    runs/x/checkpoint.pt   a Checkpoint: everything needed to resume
     runs/x/model.pt        the final weights and the arguments that rebuild the model
 
-Every file is written atomically: to a temporary file in the same folder, then `os.replace`d
-over the old one, so a crash while writing leaves the previous version intact.
+Every file goes through `robustbp.io.write_atomic`: a crash while writing leaves the previous
+version intact, and the file gets ordinary permissions (0644 under umask 022).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +21,150 @@ import torch
 from torch import nn
 
 from robustbp.io import write_atomic, write_text
-from robustbp.training.config import TrainConfig
+from robustbp.training.config import RESUMABLE_CHANGES, TrainConfig
 
 CONFIG = "config.json"
 HISTORY = "history.json"
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
-FORMAT = 1
+# 2: a checkpoint's "method" is always the method's state dict ({} for most methods);
+# 1 stored None for a method without state_dict. model.pt is the same in both.
+FORMAT = 2
 
 
+@dataclass
+class Checkpoint:
+    """Everything needed to resume a run exactly; checkpoint.pt holds these fields and "format"."""
+
+    config: dict[str, Any]
+    model_args: dict[str, Any]
+    epoch: int                       # epochs completed
+    step: int                        # steps completed in the epoch under way
+    partial: dict[str, float]        # that epoch's running sums (empty between epochs)
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, torch.Tensor]     # torch, shuffle, augment; cuda and epoch_shuffle when used
+    method: dict[str, Any]           # method.state_dict(model)
+    history: list[dict[str, Any]]
+
+    @property
+    def progress(self) -> str:
+        """'epoch 2' or 'epoch 2, step 4': how far the run got."""
+        return f"epoch {self.epoch}" + (f", step {self.step}" if self.step else "")
+
+
+# ----------------------------------------------------------------------------- writing
 def save_torch(obj: Any, path: str | Path) -> None:
     write_atomic(path, lambda file: torch.save(obj, file))
 
 
 def save_json(obj: Any, path: str | Path) -> None:
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_config(folder: Path, config: TrainConfig) -> None:
+    save_json(config.to_dict(), folder / CONFIG)
+
+
+def save_history(folder: Path, status: str, epochs: list[dict[str, Any]], message: str | None = None) -> None:
+    record: dict[str, Any] = {"status": status, "epochs": epochs}
+    if message:
+        record["message"] = message
+    save_json(record, folder / HISTORY)
+
+
+def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> None:
+    fields = {f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(Checkpoint)}
+    save_torch({"format": FORMAT, **fields}, folder / CHECKPOINT)
+
+
+def save_model(folder: Path, config: TrainConfig, model_args: dict[str, Any], model: nn.Module) -> None:
+    final = {"format": FORMAT, "config": config.to_dict(), "model_args": model_args, "state_dict": model.state_dict()}
+    save_torch(final, folder / MODEL)
+
+
+# ------------------------------------------------------------------ the folder's policy
+def check_run_folder(out: Path | None, config: TrainConfig, resume: bool, overwrite: bool) -> Checkpoint | None:
+    """Check the folder without changing it; return the checkpoint to resume from, if any.
+
+    An existing run is refused unless `resume` or `overwrite`. Resuming needs its checkpoint, the
+    same settings except RESUMABLE_CHANGES, and at least as many epochs as it already trained.
+    """
+    if out is None:
+        if resume:
+            raise ValueError("resume needs the run folder (out_dir) to resume from")
+        return None
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    if resume:
+        return checkpoint_to_resume(out, config)
+    if ((out / CHECKPOINT).exists() or (out / MODEL).exists()) and not overwrite:
+        raise ValueError(f"{out} already holds a run; resume it, or overwrite it, or choose another folder")
+    return None
+
+
+def checkpoint_to_resume(out: Path, config: TrainConfig) -> Checkpoint:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume in {out}: it holds no {CHECKPOINT}")
+    checkpoint = read_checkpoint(path)
+    before = TrainConfig.from_dict(checkpoint.config)
+    changed = [name for name in config.differences(before) if name not in RESUMABLE_CHANGES]
+    if changed:
+        detail = ", ".join(f"{n}: {getattr(before, n)!r} -> {getattr(config, n)!r}" for n in changed)
+        raise ValueError(f"cannot resume {out} with different settings ({detail}); only {', '.join(RESUMABLE_CHANGES)} may change")
+    needed = checkpoint.epoch + (1 if checkpoint.step else 0)
+    if config.epochs < needed:
+        done = f"{checkpoint.epoch} epoch{'' if checkpoint.epoch == 1 else 's'}"
+        if checkpoint.step:
+            done += f" and {checkpoint.step} step{'' if checkpoint.step == 1 else 's'} of epoch {needed}"
+        raise ValueError(f"cannot resume {out} with epochs {config.epochs}: it has already trained {done}; "
+                         f"resume with epochs >= {needed} to continue or extend it")
+    return checkpoint
+
+
+def check_model_args(checkpoint: Checkpoint, model_args: dict[str, Any], out: Path) -> None:
+    """The resumed run must build the same model from the same data."""
+    if checkpoint.model_args != model_args:
+        raise ValueError(
+            f"the checkpoint in {out} was trained on other data or another model "
+            f"({checkpoint.model_args} != {model_args})"
+        )
+
+
+def prepare_run_folder(out: Path | None, resume: bool) -> None:
+    """Create the folder; for a new or overwritten run, remove an earlier run's files."""
+    if out is None or resume:
+        return
+    for name in (CHECKPOINT, MODEL, HISTORY):
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------- reading
+def read_torch(path: Path) -> Any:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    if isinstance(saved, dict) and saved.get("format", 1) > FORMAT:
+        raise ValueError(f"{path} has format {saved['format']}, written by a newer robustbp; "
+                         f"this version reads formats up to {FORMAT}")
+    return saved
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The Checkpoint in `path`, of any format up to FORMAT."""
+    saved = read_torch(path)
+    names = [f.name for f in dataclasses.fields(Checkpoint)]
+    missing = [name for name in names if not isinstance(saved, dict) or name not in saved]
+    if missing:
+        raise ValueError(f"{path} is not a robustbp checkpoint (it lacks {', '.join(missing)})")
+    values = {name: saved[name] for name in names}
+    if values["method"] is None:  # format 1, a method without state
+        values["method"] = {}
+    return Checkpoint(**values)
 
 
 def build_model(model_args: dict[str, Any]) -> nn.Module:
@@ -73,13 +204,6 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.M
     model = build_model(saved["model_args"])
     load_state(model, saved.get("state_dict", saved.get("model")), path, saved["model_args"]["name"])
     return model.to(device).eval(), config
-
-
-def read_torch(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
 
 
 def read_config(folder: str | Path) -> TrainConfig:
