@@ -118,7 +118,7 @@ def method_parameters() -> dict[str, list[tuple[str, Any]]]:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from robustbp.train import TrainConfig
+    from robustbp.training import TrainConfig
 
     defaults = TrainConfig()
     parser.add_argument("--config", metavar="FILE",
@@ -172,7 +172,7 @@ def _count_or_fraction(text: str) -> float | int:
 
 def train_config_from_args(args: argparse.Namespace):
     """The TrainConfig: defaults, then --config FILE, then the options given on the command line."""
-    from robustbp.train import TrainConfig, read_config
+    from robustbp.training import TrainConfig, read_config
     from robustbp.training.config import read_config_file
 
     values: dict[str, Any] = {}
@@ -215,7 +215,7 @@ def check_names(config, explicit: dict[str, Any]) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from robustbp.train import train
+    from robustbp.training import train
 
     config = train_config_from_args(args)
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.method}")
@@ -232,14 +232,28 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ evaluate
+class KeepLinesFormatter(argparse.HelpFormatter):
+    """argparse's help formatter, but a help text's own line breaks stay (each line is wrapped alone)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        lines = []
+        for part in text.splitlines():
+            lines += super()._split_lines(part, width)
+        return lines
+
+
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from robustbp import evaluate
+
+    parser.formatter_class = KeepLinesFormatter
+    suites = "\n".join(f"- {suite.name}: {suite.description}" for suite in evaluate.REGISTRY.values())
     parser.add_argument("--checkpoint", required=True, metavar="RUN",
                         help="a run folder (or its model.pt / checkpoint.pt) to evaluate")
     parser.add_argument("--compare", nargs="+", default=[], metavar="RUN",
                         help="more run folders, evaluated on the same images beside the first")
-    parser.add_argument("--suite", default="accuracy", metavar="S1,S2",
-                        help="comma-separated evaluation suites (accuracy always works; others from "
-                             "robustbp.evaluate.SUITES, e.g. noise,fgsm,pgd); default accuracy")
+    parser.add_argument("--suite", default="clean", metavar="S1,S2",
+                        help=f"comma-separated evaluation suites (they run in the order listed here); "
+                             f"default clean:\n{suites}")
     parser.add_argument("--out", metavar="DIR", help="folder for the tables (JSON) and plots (PNG); default RUN/evaluation")
     parser.add_argument("--data-dir", metavar="DIR", help="folder holding the dataset (default: the one the run was trained with)")
     parser.add_argument("--limit", type=int, metavar="N", help="evaluate on the first N test images only")
@@ -251,11 +265,36 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device; default cpu")
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    from robustbp import data
-    from robustbp.train import error_rate, load_run
-    from robustbp.training.loop import check_device
+def evaluation_suites(text: str) -> list[str]:
+    """The suite names of `--suite a,b`, each one registered."""
+    from robustbp import evaluate
 
+    suites = [s.strip() for s in text.split(",") if s.strip()]
+    if not suites:
+        raise UsageError("--suite names no suite")
+    if "accuracy" in suites:
+        raise UsageError("the accuracy suite is now the clean suite (clean.json, accuracy as a fraction); "
+                         "use --suite clean")
+    unknown = [s for s in suites if s not in evaluate.SUITES]
+    if unknown:
+        raise UsageError(f"unknown suite {', '.join(unknown)}; available: {', '.join(evaluate.SUITES)}")
+    return suites
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from robustbp import data, evaluate
+    from robustbp.evaluate.report import write_json
+    from robustbp.training import check_device, load_run
+
+    suites = evaluation_suites(args.suite)  # every name and budget checked before anything is loaded or written
+    try:
+        settings = evaluate.override_settings(evaluate.QUICK if args.quick else evaluate.FULL, args.settings)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be a whole number >= 1, got {args.limit}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     device = check_device(args.device)
     paths = [args.checkpoint, *args.compare]
     loaded = [(Path(p), *load_run(p, device=device)) for p in paths]
@@ -263,10 +302,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if len(datasets) > 1:
         raise UsageError(f"the runs were trained on different datasets ({', '.join(sorted(datasets))}); compare runs of one dataset")
     config = loaded[0][2]
-    if args.limit is not None and args.limit < 1:
-        raise UsageError(f"--limit must be a whole number >= 1, got {args.limit}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     _, test = data.load(config.dataset, args.data_dir or config.data_dir)
     images, labels = test.images[: args.limit], test.labels[: args.limit]
     images, labels = images.to(device), labels.to(device)
@@ -274,43 +309,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for path, model, _ in loaded:
         name = path.name if path.is_dir() else path.parent.name
         models[name if name not in models else str(path)] = model
-    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
-    if not suites:
-        raise UsageError("--suite names no suite")
-    others = [s for s in suites if s != "accuracy"]
-    settings = None
-    if others:  # check every name and budget before anything is written
-        try:
-            from robustbp import evaluate
-        except ImportError as error:
-            raise UsageError(f"suites {', '.join(others)} need robustbp.evaluate, which cannot be imported ({error})") from None
-        unknown = [s for s in others if s not in evaluate.SUITES]
-        if unknown:
-            raise UsageError(f"unknown suite {', '.join(unknown)}; available: accuracy, {', '.join(s for s in evaluate.SUITES if s != 'accuracy')}")
-        if args.settings:
-            try:
-                settings = evaluate.override_settings(evaluate.QUICK if args.quick else evaluate.FULL, args.settings)
-            except ValueError as error:
-                raise UsageError(str(error)) from None
-    elif args.settings:
-        raise UsageError("--set changes the budgets of evaluation suites; --suite names none besides accuracy")
+    for suite in suites:
+        evaluate.REGISTRY[suite].check_images(images)  # e.g. square and apgd need the attack library
     first = Path(args.checkpoint)
     out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     setup = {"runs": {name: str(p) for name, p in zip(models, paths)}, "dataset": config.dataset,
              "images": len(labels), "suites": suites, "seed": args.seed, "quick": args.quick, "set": args.settings,
              "command": " ".join([PROG, *sys.argv[1:]]) if sys.argv else PROG}
-    (out / "evaluate-config.json").write_text(json.dumps(setup, indent=2) + "\n")
-
-    if "accuracy" in suites:
-        errors = {name: error_rate(model, images, labels) for name, model in models.items()}
-        width = max(len(n) for n in errors)
-        print(f"{'run':<{width}}  test error (%)  on {len(labels)} {config.dataset} test images")
-        for name, value in errors.items():
-            print(f"{name:<{width}}  {value:14.2f}")
-        (out / "accuracy.json").write_text(json.dumps({"images": len(labels), "error": errors}, indent=2) + "\n")
-    if others:
-        evaluate.evaluate_runs(models, images, labels, others, out, seed=args.seed, quick=args.quick, settings=settings)
+    write_json(out / "evaluate-config.json", setup)
+    evaluate.evaluate_runs(models, images, labels, suites, out, seed=args.seed, quick=args.quick, settings=settings)
     print(f"results in {out}")
     return 0
 
@@ -449,7 +457,8 @@ def run_bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------- the command
 COMMANDS: dict[str, Command] = {
     "train": Command("train a model with one method", add_train_arguments, run_train),
-    "evaluate": Command("evaluate trained runs (accuracy, noise, attacks)", add_evaluate_arguments, run_evaluate),
+    "evaluate": Command("evaluate trained runs (clean accuracy, noise, attacks, boundary distance, spectral norm)",
+                        add_evaluate_arguments, run_evaluate),
     "methods": Command("list the training methods and their parameters", add_short, run_methods),
     "datasets": Command("list the datasets", add_short, run_datasets),
     "models": Command("list the models", add_short, run_models),
@@ -505,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except RuntimeError as error:
-        from robustbp.train import NonFiniteLoss
+        from robustbp.training import NonFiniteLoss
 
         if not isinstance(error, NonFiniteLoss):
             raise

@@ -6,9 +6,10 @@ Trains `ibp-mnist` on the embedded `mnist-5k` (4,000 training digits) with
   standard               plain backpropagation,
   loss-ibp               Invariant BP with the IBP paper's Table 3 MNIST setting IBP-L1: p = 1, β = 0.03,
   adversarial-backprop   Nøkland's adversarial back-propagation, ε = 0.08,
-then prints and saves, for each, the test error on the 1,000 test digits: clean, under Gaussian
-noise (σ = 0.3, clipped to [0, 1]) and under the fast gradient sign perturbation (ε = 0.1,
-computed against each model itself). Files under the output folder:
+then prints (in percent) and saves (as fractions, 1 - `robustbp.evaluate.accuracy`), for each, the
+test error on the 1,000 test digits: clean, under Gaussian noise (σ = 0.3, clipped to [0, 1]) and
+under the fast gradient sign perturbation (ε = 0.1, computed against each model itself). Files
+under the output folder:
   <method>/       each run folder (config.json, history.json, checkpoint.pt, model.pt)
   demo.json       the table and every setting;   demo.png   the table as a bar chart.
 
@@ -17,14 +18,17 @@ few minutes; the training settings below differ from TrainConfig's defaults for 
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from robustbp.train import TrainConfig, error_rate, train
+from robustbp.attacks import fgsm
+from robustbp.evaluate import accuracy, gaussian_noise
+from robustbp.evaluate.report import format_table, new_figure, percent, write_json, write_png
+from robustbp.modes import eval_mode
+from robustbp.training import TrainConfig, train
 
 DATASET, MODEL = "mnist-5k", "ibp-mnist"
 METHODS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -41,7 +45,7 @@ DEMO_SETTINGS = dict(
     lr=0.02,              # stable for all three methods with momentum 0.9 at batch 64
     schedule="exp:0.8",   # settles within a few epochs
 )
-COLUMNS = {  # percent of the test images misclassified
+COLUMNS = {  # the fraction of the test images misclassified
     "test_error": "clean test images",
     "noise_error": f"Gaussian noise σ={NOISE_SIGMA}",
     "fgsm_error": f"FGSM ε={FGSM_EPS}",
@@ -55,17 +59,14 @@ def demo_config(method: str, params: dict[str, Any], epochs: int = EPOCHS, train
 
 
 def robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, float]:
-    """Test error (%) clean, under Gaussian noise and under FGSM, with the evaluation package's functions."""
-    from robustbp.attacks import fgsm
-    from robustbp.evaluate import gaussian_noise
-
-    model.eval()
+    """Test error (a fraction, 1 - accuracy) clean, under Gaussian noise and under FGSM, in eval mode."""
     noisy = gaussian_noise(images, NOISE_SIGMA, torch.Generator().manual_seed(seed))  # the same noise for every model
-    adversarial = fgsm(model, images, labels, FGSM_EPS)
+    with eval_mode(model):
+        adversarial = fgsm(model, images, labels, FGSM_EPS)
     return {
-        "test_error": error_rate(model, images, labels),
-        "noise_error": error_rate(model, noisy, labels),
-        "fgsm_error": error_rate(model, adversarial, labels),
+        "test_error": 1 - accuracy(model, images, labels),
+        "noise_error": 1 - accuracy(model, noisy, labels),
+        "fgsm_error": 1 - accuracy(model, adversarial, labels),
     }
 
 
@@ -96,39 +97,33 @@ def run(out_dir: str | Path = "runs/demo", epochs: int = EPOCHS, train_size: int
         "train_size": train_size, "seed": seed, "noise_sigma": NOISE_SIGMA, "fgsm_eps": FGSM_EPS,
         "settings": DEMO_SETTINGS, "columns": COLUMNS, "rows": rows,
     }
+    title = f"{MODEL} on {DATASET}, {epochs} epochs, {len(labels)} test images"
     table_path, plot_path = out / "demo.json", out / "demo.png"
-    table_path.write_text(json.dumps(table, indent=2) + "\n")
-    plot(rows, plot_path, title=f"{MODEL} on {DATASET}, {epochs} epochs, {len(labels)} test images")
-    print(format_table(rows))
+    write_json(table_path, table)
+    write_png(plot_path, plot(rows, title))
+    print(demo_table(rows, title))
     return {**table, "table_path": str(table_path), "plot_path": str(plot_path)}
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    heads = ["method", "test error", f"noise σ={NOISE_SIGMA}", f"FGSM ε={FGSM_EPS}", "train s"]
-    names = [f"{r['method']}" + (f" ({', '.join(f'{k}={v}' for k, v in r['params'].items())})" if r["params"] else "")
-             for r in rows]
-    width = max(len(heads[0]), *(len(n) for n in names))
-    lines = [f"{heads[0]:<{width}}  " + "  ".join(f"{h:>12}" for h in heads[1:])]
-    for name, r in zip(names, rows):
-        cells = [f"{r[key]:11.2f}%" for key in COLUMNS] + [f"{r['train_seconds']:12.1f}"]
-        lines.append(f"{name:<{width}}  " + "  ".join(cells))
-    return "\n".join(lines)
+def demo_table(rows: list[dict[str, Any]], title: str) -> str:
+    """The printed table: test errors in percent, training seconds."""
+    heads = ["method", "test error %", f"noise σ={NOISE_SIGMA} %", f"FGSM ε={FGSM_EPS} %", "train s"]
+    cells = [[r["method"] + (f" ({', '.join(f'{k}={v}' for k, v in r['params'].items())})" if r["params"] else ""),
+              *(percent(r[key]) for key in COLUMNS), f"{r['train_seconds']:.1f}"] for r in rows]
+    return format_table(title, heads, cells)
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Grouped bars: one group per method, one bar per condition (no pyplot: no display needed)."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.subplots()
+def plot(rows: list[dict[str, Any]], title: str = ""):
+    """Grouped bars of the errors in percent: one group per method, one bar per condition."""
+    figure, (axes,) = new_figure(1, width_per_panel=7, height=4)
     width = 0.8 / len(COLUMNS)
     for k, (key, label) in enumerate(COLUMNS.items()):
         positions = [i + (k - (len(COLUMNS) - 1) / 2) * width for i in range(len(rows))]
-        bars = axes.bar(positions, [r[key] for r in rows], width, label=label)
+        bars = axes.bar(positions, [100 * r[key] for r in rows], width, label=label)
         axes.bar_label(bars, fmt="%.1f", fontsize=8)
     axes.set_xticks(range(len(rows)), [r["method"] for r in rows])
     axes.set_ylabel("error (%)")
-    axes.set_ylim(0, min(100.0, 1.3 * max(max(r[key] for key in COLUMNS) for r in rows) + 1.0))
+    axes.set_ylim(0, min(100.0, 130 * max(max(r[key] for key in COLUMNS) for r in rows) + 1.0))
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8, loc="upper right")
-    figure.savefig(path, dpi=120)
+    return figure

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from robustbp import cli, data, methods, models
-from robustbp.train import read_history
+from robustbp.training import read_history
 
 from .helpers import one_thread_per_module  # noqa: F401 (autouse fixture)
 
@@ -72,6 +72,9 @@ ERRORS = [
     (("train", "--config", "/no/such/file.toml"), "config file /no/such/file.toml does not exist"),
     (("train", "--device", "gpu", "--quiet"), "invalid device 'gpu'"),
     (("evaluate", "--checkpoint", "/no/such/run"), "run folder /no/such/run does not exist"),
+    (("evaluate", "--checkpoint", "/no/such/run", "--suite", "accuracy"),
+     "the accuracy suite is now the clean suite (clean.json, accuracy as a fraction); use --suite clean"),
+    (("evaluate", "--checkpoint", "/no/such/run", "--suite", "noise,pgd2"), "unknown suite pgd2; available: clean, noise"),
     (("nonsense",), "invalid choice"),
     (("demo", "--epochs", "0", "--quiet"), "epochs must be a whole number >= 1"),
 ]
@@ -116,25 +119,47 @@ def test_train_then_evaluate(capsys, tmp_path):
     assert code != 0 and "already holds a run" in err
 
     out_dir = tmp_path / "eval"
-    code, out, err = run(capsys, "evaluate", "--checkpoint", str(a), "--compare", str(b), "--suite", "accuracy",
-                         "--limit", "100", "--out", str(out_dir))
+    code, out, err = run(capsys, "evaluate", "--checkpoint", str(a), "--compare", str(b), "--limit", "100",
+                         "--out", str(out_dir))  # the default suite: clean
     assert code == 0, err
-    result = json.loads((out_dir / "accuracy.json").read_text())
-    assert result["images"] == 100 and set(result["error"]) == {"std", "ibp"}
-    assert all(0 <= v <= 100 for v in result["error"].values())
+    from robustbp.training import load_run
+
+    clean = json.loads((out_dir / "clean.json").read_text())
+    _, test = data.load("digits")
+    for name, run_dir in (("std", a), ("ibp", b)):
+        model, _ = load_run(run_dir)
+        with torch.no_grad():
+            count = int((model(test.images[:100]).argmax(1) == test.labels[:100]).sum())
+        numbers = clean["models"][name]
+        assert numbers["accuracy"] == count / 100 and numbers["n_correct"] == count and numbers["n"] == 100
+        assert f"{100 * count / 100:.1f}" in out  # printed in percent
+    assert sorted(p.name for p in out_dir.iterdir()) == ["clean.json", "clean.png", "evaluate-config.json"]
     setup = json.loads((out_dir / "evaluate-config.json").read_text())
-    assert setup["suites"] == ["accuracy"] and setup["dataset"] == "digits"
+    assert setup["suites"] == ["clean"] and setup["dataset"] == "digits" and setup["images"] == 100
     assert "std" in out and "ibp" in out
+
+
+def test_evaluate_help_lists_every_registered_suite(capsys):
+    from robustbp.evaluate import REGISTRY
+
+    code, out, _ = run(capsys, "evaluate", "--help")
+    assert code == 0
+    listed = " ".join(out.split())  # argparse wraps long lines
+    for suite in REGISTRY.values():
+        assert f"- {suite.name}: {suite.description}" in listed
+    assert "default clean" in listed and "accuracy:" not in listed
 
 
 def test_evaluate_with_the_evaluation_suites(capsys, tmp_path):
     run_dir = tmp_path / "std"
     assert run(capsys, "train", *TINY, "--out", str(run_dir))[0] == 0
-    code, _, err = run(capsys, "evaluate", "--checkpoint", str(run_dir), "--suite", "accuracy,noise",
+    code, _, err = run(capsys, "evaluate", "--checkpoint", str(run_dir), "--suite", "noise,clean",
                        "--limit", "50", "--quick", "--set", "noise_sigmas=0,0.25", "--out", str(tmp_path / "eval"))
     assert code == 0, err
     noise = json.loads((tmp_path / "eval" / "noise.json").read_text())
     assert noise["settings"]["sigma"] == [0.0, 0.25] and noise["n_points"] == 50
+    clean = json.loads((tmp_path / "eval" / "clean.json").read_text())["models"]["std"]
+    assert noise["models"]["std"]["accuracy"][0] == clean["accuracy"] == clean["n_correct"] / 50
     for argv, message in [
         (("--suite", "no-such-suite"), "unknown suite"),
         (("--suite", "noise", "--set", "noise_sigmas=0,-0.1"), "finite and non-negative, got -0.1"),
@@ -154,6 +179,19 @@ def test_resume_from_the_command_line(capsys, tmp_path):
     assert [e["epoch"] for e in read_history(run_dir)["epochs"]] == [1, 2]
     code, _, err = run(capsys, "train", "--resume", "--out", str(run_dir), "--lr", "0.5", "--quiet")
     assert code != 0 and "cannot resume" in err
+
+
+def test_resume_with_fewer_epochs_is_refused(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", *TINY, "--epochs", "3", "--out", str(run_dir))[0] == 0
+    model_file = (run_dir / "model.pt").read_bytes()
+    code, _, err = run(capsys, "train", "--resume", "--out", str(run_dir), "--epochs", "2", "--quiet")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "with epochs 2: it has already trained 3 epochs; resume with epochs >= 3" in err
+    assert (run_dir / "model.pt").read_bytes() == model_file
+    code, out, err = run(capsys, "train", "--resume", "--out", str(run_dir), "--epochs", "4", "--quiet")
+    assert code == 0, err
+    assert "after 4 epochs" in out and [e["epoch"] for e in read_history(run_dir)["epochs"]] == [1, 2, 3, 4]
 
 
 def test_config_file_then_options(capsys, tmp_path):

@@ -4,8 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from robustbp import cli, demo, methods
+from robustbp import cli, data, demo, methods
+from robustbp.attacks import fgsm
+from robustbp.evaluate import accuracy, gaussian_noise
+from robustbp.modes import eval_mode
+from robustbp.training import load_run
 
 from .helpers import one_thread_per_module  # noqa: F401 (autouse fixture)
 
@@ -25,11 +30,19 @@ def test_tiny_demo_writes_table_and_plot(tmp_path, capsys):
     table = json.loads((tmp_path / "demo.json").read_text())
     assert [row["method"] for row in table["rows"]] == [m for m, _ in demo.METHODS]
     assert table["test_images"] == 40 and table["epochs"] == 1
-    for row in table["rows"]:
-        for key in demo.COLUMNS:
-            assert 0.0 <= row[key] <= 100.0
-            assert row[key] * 40 / 100 == pytest.approx(round(row[key] * 40 / 100))  # a count of 40 images
-        assert row["method"] in out
+    _, test = data.load(demo.DATASET)
+    images, labels = test.images[:40], test.labels[:40]
+    noisy = gaussian_noise(images, demo.NOISE_SIGMA, torch.Generator().manual_seed(0))
+    for row in table["rows"]:  # errors stored as fractions: 1 - metrics.accuracy, a count of 40 images
+        model, _ = load_run(tmp_path / row["method"])
+        with eval_mode(model):
+            adversarial = fgsm(model, images, labels, demo.FGSM_EPS)
+        for key, x in (("test_error", images), ("noise_error", noisy), ("fgsm_error", adversarial)):
+            assert row[key] == 1 - accuracy(model, x, labels)
+            with torch.no_grad():
+                wrong = int((model(x).argmax(1) != labels).sum())
+            assert row[key] == pytest.approx(wrong / 40, abs=1e-12)
+        assert row["method"] in out and f"{100 * row['test_error']:.1f}" in out  # printed in percent
     png = (tmp_path / "demo.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     for method, _ in demo.METHODS:

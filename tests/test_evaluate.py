@@ -11,7 +11,11 @@ from torch import nn
 
 from robustbp.attacks import art_available
 from robustbp.evaluate import (
+    FULL,
+    QUICK,
+    REGISTRY,
     SUITES,
+    accuracy,
     attack_success_rate,
     boundary_distance,
     budget_warnings,
@@ -22,12 +26,14 @@ from robustbp.evaluate import (
     jacobian_spectral_norm,
     layer_spectral_norms,
     noise_curve,
+    override_settings,
     spectral_error_curve,
     spectral_norm_bound,
     square_warnings,
 )
 from robustbp.io import write_atomic
 from robustbp.layers import Normalize
+from robustbp.validation import MissingDependency
 
 from .helpers import one_thread, synthetic_data, trained  # noqa: F401 (one_thread: autouse fixture)
 
@@ -158,10 +164,28 @@ def test_spectral_error_curve_is_exact_for_linear_and_bounded_for_relu(models, d
 # --- accuracy, noise, one-step curves ------------------------------------------------------------------
 
 
+def correct_count(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """How many points a model in eval mode classifies right, counted with plain torch."""
+    with torch.no_grad():
+        return int((model(x).argmax(dim=1) == y).sum())
+
+
+def test_accuracy_is_the_fraction_of_correct_points_in_eval_mode(models, data):
+    x, y = data
+    model = nn.Sequential(nn.Dropout(0.9), models["relu"]).train()
+    expected = correct_count(models["relu"], x, y) / len(y)
+    assert accuracy(model, x, y) == expected  # dropout off: eval mode inside
+    assert accuracy(model, x, y, batch_size=7) == expected
+    assert model.training and model[1].training  # every flag put back
+    wrong_labels = (y + 1) % 3
+    others = accuracy(models["relu"], x, wrong_labels) + accuracy(models["relu"], x, (y + 2) % 3)
+    assert others == pytest.approx(1 - expected, abs=1e-12)
+
+
 def test_noise_curve_at_sigma_zero_is_clean_accuracy_and_is_seeded(models, data):
     x, y = data
     model = models["relu"]
-    clean = float((model(x).argmax(1) == y).float().mean())
+    clean = correct_count(model, x, y) / len(y)
     curve = noise_curve(model, x, y, [0.0, 0.1, 0.5], seed=3)
     assert curve["accuracy"][0] == clean and curve["drop"][0] == 0.0 and curve["error"][0] == 1 - clean
     assert curve["clean_accuracy"] == clean
@@ -269,6 +293,147 @@ def test_evaluate_runs_writes_every_suite_and_restores_modes(models, data, tmp_p
     assert boundary["relu"]["q1"] <= boundary["relu"]["median"] <= boundary["relu"]["q3"]
     spectral = suites["spectral"]["models"]["relu"]
     assert spectral["error"]["bound"] >= spectral["error"]["exact_mean"]
+
+
+# --- every registered suite, alone, in quick mode: its files, its table and its numbers --------------------
+
+
+def is_count_of(fraction: float, n: int) -> bool:
+    """fraction is k/n for a whole k."""
+    return fraction * n == pytest.approx(round(fraction * n), abs=1e-9)
+
+
+def fgsm_sign_step(model, x, y, eps):
+    """clip(x + eps·sign(∇ₓ CE), 0, 1) with plain autograd, the CE summed over the points."""
+    x = x.clone().requires_grad_(True)
+    gradient, = torch.autograd.grad(nn.functional.cross_entropy(model(x), y, reduction="sum"), x)
+    return (x + eps * gradient.sign()).clamp(0, 1).detach()
+
+
+def check_clean(result, models, x, y, settings):
+    for name, model in models.items():
+        count = correct_count(model, x, y)
+        numbers = result["models"][name]
+        assert numbers["accuracy"] == count / len(y) and numbers["n_correct"] == count and numbers["n"] == len(y)
+        assert numbers["error"] == pytest.approx(1 - count / len(y), abs=1e-12)
+
+
+def check_noise(result, models, x, y, settings):
+    for name, model in models.items():
+        curve = result["models"][name]
+        assert curve["sigma"] == list(settings.noise_sigmas)
+        for sigma, fraction in zip(curve["sigma"], curve["accuracy"]):
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(result["seed"]))
+            noisy = (x + sigma * noise).clamp(0, 1)
+            assert fraction == correct_count(model, noisy, y) / len(y)
+
+
+def check_fgsm(result, models, x, y, settings):
+    for name, model in models.items():
+        curve = result["models"][name]["sign"]
+        assert curve["clean_accuracy"] == correct_count(model, x, y) / len(y)
+        for eps, fraction in zip(curve["eps"], curve["accuracy"]):
+            assert fraction == correct_count(model, fgsm_sign_step(model, x, y, eps), y) / len(y)
+        assert curve["attack_success_rate"][0] == 0.0  # eps = 0 moves nothing
+
+
+def check_pgd(result, models, x, y, settings):
+    for name, model in models.items():
+        numbers = result["models"][name]
+        clean = correct_count(model, x, y) / len(y)
+        assert numbers["clean_accuracy"] == clean
+        for attack in ("pgd_linf", "pgd_l2", "tpgd"):
+            curve = numbers[attack]
+            assert curve["steps"] == list(settings.pgd_steps)
+            assert all(is_count_of(a, len(y)) for a in curve["accuracy"])
+            assert curve["drop"] == [clean - a for a in curve["accuracy"]]
+
+
+def check_success_rates(rates, model, x, y):
+    """Every success rate is a count of the model's correctly classified points."""
+    count = correct_count(model, x, y)
+    flat = [r for row in rates for r in (row if isinstance(row, list) else [row])]
+    assert flat and all(0 <= r <= 1 and is_count_of(r, count) for r in flat)
+
+
+def check_linbp(result, models, x, y, settings):
+    for name, model in models.items():
+        numbers = result["models"][name]
+        assert len(numbers["bp"]["attack_success_rate"]) == len(settings.linbp_eps)
+        for gradient in ("bp", "linbp") if numbers["has_relu"] else ("bp",):
+            check_success_rates(numbers[gradient]["attack_success_rate"], model, x, y)
+    assert result["models"]["relu"]["has_relu"] and not result["models"]["tanh"]["has_relu"]
+
+
+def check_square(result, models, x, y, settings):
+    for name, model in models.items():
+        numbers = result["models"][name]
+        assert numbers["clean_accuracy"] == correct_count(model, x, y) / len(y)
+        assert numbers["queries"] == list(settings.square_queries)
+        assert all(is_count_of(a, len(y)) for a in numbers["accuracy"])
+        check_success_rates(numbers["attack_success_rate"], model, x, y)
+
+
+def check_apgd(result, models, x, y, settings):
+    for name, model in models.items():
+        numbers = result["models"][name]
+        assert len(numbers["bp"]["attack_success_rate"]) == len(settings.apgd_eps)
+        check_success_rates(numbers["bp"]["attack_success_rate"], model, x, y)
+
+
+def check_boundary(result, models, x, y, settings):
+    with torch.no_grad():
+        right_by_all = torch.stack([model(x).argmax(1) == y for model in models.values()]).all(dim=0)
+    expected = torch.nonzero(right_by_all).flatten()[: settings.boundary_points].tolist()
+    assert result["settings"]["point_indices"] == expected and expected
+    for numbers in result["models"].values():
+        assert numbers["n"] == len(expected) == len(numbers["distances"])
+        assert numbers["q1"] <= numbers["median"] <= numbers["q3"]
+
+
+def check_spectral(result, models, x, y, settings):
+    points = x[: settings.spectral_points]
+    for name, model in models.items():
+        norms = [np.linalg.norm(torch.autograd.functional.jacobian(lambda v: model(v[None])[0], p).reshape(3, -1), 2)
+                 for p in points]
+        error = result["models"][name]["error"]
+        assert error["n"] == len(points) and error["exact_mean"] == pytest.approx(float(np.mean(norms)), rel=1e-4)
+        assert error["bound"] >= error["exact_mean"]
+
+
+NUMBER_CHECKS = {
+    "clean": check_clean, "noise": check_noise, "fgsm": check_fgsm, "pgd": check_pgd, "linbp": check_linbp,
+    "square": check_square, "apgd": check_apgd, "boundary": check_boundary, "spectral": check_spectral,
+}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_registered_suite_runs_alone_and_its_numbers_are_counts(name, models, data, tmp_path, capsys):
+    suite = REGISTRY[name]
+    assert name in NUMBER_CHECKS, f"add a check of the {name} suite's numbers to NUMBER_CHECKS"
+    x, y = data[0][:40], data[1][:40]
+    try:
+        suite.check_images(x)
+    except MissingDependency as error:
+        pytest.skip(str(error))
+    settings = override_settings(QUICK, ["boundary_samples=64", "spectral_batch_sizes=1,2"])
+    result = evaluate_runs(models, x, y, [name], tmp_path, seed=2, quick=True, settings=settings)
+    stored = json.loads((tmp_path / f"{name}.json").read_text())
+    assert set(result["suites"]) == {name} and stored["suite"] == name and stored["n_points"] == 40
+    assert set(stored["models"]) == set(models) and isinstance(stored["warnings"], list)
+    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert all(table in printed for table in suite.tables(stored))  # the table printed is the stored result's
+    NUMBER_CHECKS[name](result["suites"][name], models, x, y, settings)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_setting_of_a_suite_is_in_the_settings_and_takes_set(name):
+    for setting_name, setting in REGISTRY[name].settings.items():
+        assert getattr(FULL, setting_name) == setting.full and getattr(QUICK, setting_name) == setting.value(True)
+        value = setting.value(True)
+        text = ",".join(map(repr, value)) if isinstance(value, tuple) else repr(value)
+        assert getattr(override_settings(FULL, [f"{setting_name}={text}"]), setting_name) == value
 
 
 def test_evaluate_runs_noise_only_needs_no_extras(models, data, tmp_path):

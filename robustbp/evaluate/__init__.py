@@ -1,7 +1,7 @@
-"""Robustness evaluation: accuracy, noise and adversarial curves, boundary distance, spectral error.
+"""Robustness evaluation: the registered suites (clean, noise, attacks, boundary, spectral) and their measures.
 
 The CLI calls `evaluate_runs(models, images, labels, suites, out_dir, seed, quick)` with suite
-names from `SUITES`; the pieces it is built from are public too.
+names from `SUITES` (the names in `suites.REGISTRY`); the pieces it is built from are public too.
 """
 from robustbp.evaluate.boundary import boundary_distance
 from robustbp.evaluate.checks import budget_warnings, gradient_warnings, square_warnings
@@ -20,12 +20,17 @@ from robustbp.evaluate.spectral import (
     spectral_norm_bound,
     spectral_timing,
 )
-from robustbp.evaluate.suites import FULL, QUICK, SUITES, SuiteSettings, evaluate_runs, override_settings
+from robustbp.evaluate.suites import REGISTRY, SUITES, Setting, Suite
+from robustbp.evaluate.settings import FULL, QUICK, SuiteSettings, override_settings
+from robustbp.evaluate.runner import evaluate_runs
 
 __all__ = [
     "FULL",
     "QUICK",
+    "REGISTRY",
     "SUITES",
+    "Setting",
+    "Suite",
     "SuiteSettings",
     "override_settings",
     "accuracy",

@@ -11,23 +11,25 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from robustbp.validation import check_images, check_labels, check_nonnegative
 from robustbp.attacks.gradient_attacks import DIRECTIONS, gradient_noise
+from robustbp.modes import eval_mode
+from robustbp.validation import check_images, check_labels, check_nonnegative
 
 BATCH_SIZE = 256
 
 
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = BATCH_SIZE) -> torch.Tensor:
-    """Predicted classes argmax f(x), shape (N,), computed in batches without gradients."""
-    with torch.no_grad():
+    """Predicted classes argmax f(x), shape (N,), in eval mode (each submodule's mode restored after),
+    in batches, without gradients."""
+    with eval_mode(model), torch.no_grad():
         return torch.cat([model(x[i : i + batch_size]).argmax(dim=1) for i in range(0, x.shape[0], batch_size)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = BATCH_SIZE) -> float:
-    """Share of points with argmax f(x) = y."""
+    """The one accuracy of the package: #{i : argmax f(xᵢ) = yᵢ} / N, a fraction in [0, 1] (see `predict`)."""
     check_images(x, "images")
     check_labels(y, x, "labels")
-    return float((predict(model, x, batch_size) == y).float().mean())
+    return int((predict(model, x, batch_size) == y).sum()) / len(y)
 
 
 def attack_success_rate(
@@ -72,11 +74,11 @@ def noise_curve(
     check_images(x, "images")
     check_labels(y, x, "labels")
     sigmas = [check_nonnegative(s, "sigma") for s in sigmas]
-    clean = float((predict(model, x) == y).float().mean())
+    clean = accuracy(model, x, y)
     accuracies = []
     for sigma in sigmas:
         noisy = gaussian_noise(x, sigma, torch.Generator(device=x.device).manual_seed(seed)) if sigma > 0 else x
-        accuracies.append(float((predict(model, noisy) == y).float().mean()))
+        accuracies.append(accuracy(model, noisy, y))
     return {"sigma": sigmas, **_accuracy_rows(accuracies, clean), "clean_accuracy": clean}
 
 
@@ -107,11 +109,11 @@ def gradient_noise_curve(
     eps_values = [check_nonnegative(e, "eps") for e in eps_values]
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(map(repr, DIRECTIONS))}")
-    clean = float((predict(model, x) == y).float().mean())
+    clean = accuracy(model, x, y)
     accuracies, success = [], []
     for eps in eps_values:
         x_adv = batched_attack(lambda xb, yb: gradient_noise(model, xb, yb, eps, direction, gradient, first), x, y)
-        accuracies.append(float((predict(model, x_adv) == y).float().mean()))
+        accuracies.append(accuracy(model, x_adv, y))
         success.append(attack_success_rate(model, x, x_adv, y))
     return {"eps": eps_values, **_accuracy_rows(accuracies, clean), "attack_success_rate": success,
             "clean_accuracy": clean}

@@ -9,11 +9,12 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from robustbp.io import write_atomic, write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def format_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -53,6 +54,9 @@ def write_json(path: Path, data: dict) -> None:
 
 def new_figure(n_panels: int = 1, width_per_panel: float = 4.5, height: float = 3.6) -> tuple[Figure, list]:
     """A matplotlib Figure on the Agg canvas (no pyplot, no global backend change) and its axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(width_per_panel * n_panels, height), layout="constrained")
     FigureCanvasAgg(figure)
     axes = [figure.add_subplot(1, n_panels, i + 1) for i in range(n_panels)]
