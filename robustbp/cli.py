@@ -69,30 +69,6 @@ TRAIN_HELP = {
 NUMBER_TYPES = {"epochs": int, "batch_size": int, "train_size": int, "seed": int, "log_every": int}
 
 # Method parameters as command-line options: name -> (parser, help). None: not settable here.
-METHOD_OPTIONS: dict[str, tuple[Callable[[str], Any], str] | None] = {
-    "beta": (float, "penalty weight β"),
-    "p": (int, "norm of the input-gradient penalty: 1 (sign of the gradient) or 2"),
-    "eps": (float, "perturbation size ε of adversarial examples, in pixel units ([0, 1] images)"),
-    "alpha": (float, "weight of the clean loss in adversarial training, in [0, 1]"),
-    "norm": (str, "adversarial direction: sign (L∞, FGSM) or grad (the gradient itself)"),
-    "variant": (str, "original, or fast (the IBP paper's faster variant)"),
-    "direction": (str, "direction v of the Jacobian penalty: sign or grad"),
-    "n_proj": (int, "number of random projections estimating the Frobenius norm"),
-    "n_iter": (int, "power iterations per step"),
-    "first": (int, "replace the derivative of every ReLU from this one on (1-based) by the identity"),
-    "sigma": (float, "scale of the image tangents (pixels of shift, radians of rotation ...)"),
-    "clip": (lambda text: _pair(text), "clip adversarial images to LOW,HIGH, e.g. 0,1"),
-    "tangents": None,  # a function: set it from Python
-}
-
-
-def _pair(text: str) -> list[float]:
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise ValueError(f"expected LOW,HIGH, got {text!r}")
-    return [float(parts[0]), float(parts[1])]
-
-
 def _auto(text: str) -> Any:
     """A --param value: true/false, an int, a float, else the string itself."""
     lowered = text.lower()
@@ -104,17 +80,6 @@ def _auto(text: str) -> Any:
         except ValueError:
             pass
     return text
-
-
-def method_parameters() -> dict[str, list[tuple[str, Any]]]:
-    """Every method parameter name -> [(method, default), ...] across the registry."""
-    from robustbp import methods
-
-    taken: dict[str, list[tuple[str, Any]]] = {}
-    for name in methods.available():
-        for param, default in methods.parameters_of(name).items():
-            taken.setdefault(param, []).append((name, default))
-    return taken
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,25 +109,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kind = NUMBER_TYPES.get(field.name) or (float if isinstance(field.default, float) else str)
             group.add_argument(option, type=kind, default=None, metavar=field.name.upper(), help=text)
+    from robustbp import methods
+
     methods_group = parser.add_argument_group("method parameters (only those the chosen method takes)")
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for param, takers in sorted(method_parameters().items()):
-        if param in train_names or METHOD_OPTIONS.get(param, ()) is None:
+    for param, (convert, text, takers) in sorted(methods.parameter_help().items()):
+        if param in train_names or convert is None:  # a function (tangents) is set from Python
             continue
-        convert, text = METHOD_OPTIONS.get(param) or (_type_of(takers[0][1]), "method parameter")
         used_by = ", ".join(f"{m} (default {d})" for m, d in takers)
         methods_group.add_argument("--" + param.replace("_", "-"), dest=f"param_{param}", type=convert,
                                    default=None, metavar=param.upper(), help=f"{text}; taken by {used_by}")
     methods_group.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                                help="any method parameter by name (repeatable), e.g. --param beta=0.01")
-
-
-def _type_of(default: Any) -> Callable[[str], Any]:
-    if isinstance(default, bool):
-        return lambda text: {"true": True, "false": False}[text.lower()]
-    if isinstance(default, (int, float, str)):
-        return type(default)
-    return _auto
 
 
 def _count_or_fraction(text: str) -> float | int:
@@ -332,8 +290,12 @@ def run_methods(args: argparse.Namespace) -> int:
         doc = " ".join((cls.__doc__ or "").split("\n\n")[0].split())
         params = ", ".join(f"{k}={v!r}" for k, v in methods.parameters_of(name).items()) or "no parameters"
         print(f"{name:<22} {params}")
-        if doc and not args.short:
+        if args.short:
+            continue
+        if doc:
             print(f"{'':<22} {doc}")
+        for key, (default, declaration) in methods.base.declared_parameters(cls).items():
+            print(f"{'':<22}   {key}: {declaration.help}")
     return 0
 
 

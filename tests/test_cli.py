@@ -248,3 +248,27 @@ def test_readme_shows_the_rule_table():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert layers_markdown() in readme
+
+
+def test_method_options_come_from_the_declarations(capsys):
+    """Every parameter a method declares with a command-line parser is a `train` option with the
+    declaration's help; a function parameter (tangents) is not."""
+    import robustbp.methods as methods
+    from robustbp.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, (parse, help_text, _) in methods.parameter_help().items():
+        option = "--" + name.replace("_", "-")
+        if parse is None:
+            assert option + " " not in text
+        else:
+            assert option in text and " ".join(help_text.split()) in text, name
+
+
+def test_clip_option_parses_two_numbers(tmp_path):
+    from robustbp.cli import build_parser, train_config_from_args
+
+    args = build_parser().parse_args(["train", "--method", "adversarial", "--clip", "0,1", "--out", str(tmp_path / "r")])
+    assert train_config_from_args(args).method_params == {"clip": [0.0, 1.0]}

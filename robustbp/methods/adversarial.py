@@ -10,6 +10,11 @@ from .base import Method, choice, deliver, parameter, register
 from .ibp import main_loss_terms
 
 
+def _two_numbers(text: str) -> list[float]:
+    """Command-line text "LOW,HIGH" -> [low, high]."""
+    return [float(part) for part in text.split(",")]
+
+
 @register("adversarial")
 class Adversarial(Method):
     """α·L(x) + (1−α)·L(x*), x* = x + ε·sign(g) (`norm="sign"`) or x + ε·g (`norm="grad"`),
@@ -31,7 +36,7 @@ class Adversarial(Method):
     variant: str = parameter("original", "original, or fast (the IBP paper's: L(x*) alone)",
                              choice("original", "fast"), parse=str, bench=("fast",))
     clip: tuple | None = parameter(None, "clip adversarial images to LOW,HIGH, e.g. 0,1", check_interval,
-                                   parse=lambda text: text.split(","))
+                                   parse=_two_numbers)
 
     def _backward(self, model, x, y, params):
         weight_of_clean = self.alpha if self.variant == "original" else 0.0
@@ -71,7 +76,7 @@ class AdversarialBackprop(Method):
     eps: float = parameter(0.08, "perturbation size ε of the adversarial examples, in pixel units ([0, 1] images)",
                            check_nonnegative)
     clip: tuple | None = parameter(None, "clip adversarial images to LOW,HIGH, e.g. 0,1", check_interval,
-                                   parse=lambda text: text.split(","))
+                                   parse=_two_numbers)
 
     def _backward(self, model, x, y, params):
         return adversarial_backward(self, model, x, y, params, self.eps, 0.0, "sign", self.clip)
