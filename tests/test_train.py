@@ -300,7 +300,7 @@ def test_run_folder_and_history_contents(tmp_path):
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert [e["lr"] for e in epochs] == pytest.approx([0.05, 0.025, 0.0125])
     for e in epochs:
-        assert set(e) == {"epoch", "lr", "loss", "main_loss", "penalty", "train_error", "val_error",
+        assert set(e) == {"epoch", "lr", "loss", "main_loss", "penalty", "train_error", "val_error", "val_loss",
                           "test_error", "seconds", "eval_seconds"}
         for key in ("train_error", "val_error", "test_error"):
             assert 0.0 <= e[key] <= 100.0
@@ -308,6 +308,22 @@ def test_run_folder_and_history_contents(tmp_path):
         assert e["seconds"] > 0 and e["eval_seconds"] >= 0
     assert epochs[-1]["test_error"] < 50  # it learned something
     assert result.data_stats == {"train": 320, "val": 100, "test": 360}
+    assert all(e["val_loss"] > 0 for e in epochs)
+
+
+def test_validation_loss_is_the_mean_cross_entropy_in_eval_mode():
+    from robustbp.training.loop import mean_cross_entropy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    x, y = torch.rand(300, 1, 8, 8), torch.randint(0, 3, (300,))
+    got = mean_cross_entropy(model, x, y, batch_size=128)
+    model.eval()
+    want = float(torch.nn.functional.cross_entropy(model(x), y))
+    assert got == pytest.approx(want, rel=1e-6)
+    model.train()
+    mean_cross_entropy(model, x, y)
+    assert model.training and model[2].training
 
 
 def test_train_error_comes_from_the_clean_forward_pass(tmp_path):

@@ -72,8 +72,9 @@ def train(
     History (history.json, TrainResult.history), one record per epoch: epoch, lr (used during
     the epoch), loss = main_loss + penalty (means over the epoch's training samples),
     train_error (error of the clean training batches in the method's own forward passes, in
-    train mode, while the weights changed; None if the method reports no count), val_error and
-    test_error (eval mode, after the epoch; val_error None without a validation split), seconds
+    train mode, while the weights changed; None if the method reports no count), val_error,
+    val_loss (mean cross-entropy) and test_error (eval mode, after the epoch; the val_ ones None
+    without a validation split), seconds
     (training steps only) and eval_seconds. Errors are in percent.
     """
     config.validate()
@@ -104,6 +105,16 @@ def percent_error(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) 
 
     with eval_mode(model):
         return 100.0 * (1.0 - accuracy(model, images, labels))
+
+
+def mean_cross_entropy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean cross-entropy over `images` in eval mode: the validation loss model selection may use."""
+    total = 0.0
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            logits = model(images[start:start + batch_size])
+            total += float(torch.nn.functional.cross_entropy(logits, labels[start:start + batch_size], reduction="sum"))
+    return total / len(images)
 
 
 def method_state(method, model: nn.Module) -> dict[str, Any]:
@@ -319,6 +330,7 @@ class Trainer:
         started = time.perf_counter()
         val, test = self.splits.val, self.splits.test
         val_error = percent_error(self.model, val.images.to(self.device), val.labels.to(self.device)) if val else None
+        val_loss = mean_cross_entropy(self.model, val.images.to(self.device), val.labels.to(self.device)) if val else None
         test_error = percent_error(self.model, test.images.to(self.device), test.labels.to(self.device))
         samples = max(sums["samples"], 1)
         record = {
@@ -329,6 +341,7 @@ class Trainer:
             "penalty": sums["reg_loss"] / samples,
             "train_error": 100.0 * (1.0 - sums["correct"] / sums["seen"]) if sums["seen"] else None,
             "val_error": val_error,
+            "val_loss": val_loss,
             "test_error": test_error,
             "seconds": sums["seconds"],
             "eval_seconds": time.perf_counter() - started,
