@@ -330,6 +330,66 @@ def add_short(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short", action="store_true", help="names and sizes only, no descriptions")
 
 
+# ---------------------------------------------------------------------------------- study
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    from robustbp.studies.definition import BUDGETS
+    from robustbp.studies.runner import DEFAULT_STORE
+
+    actions = parser.add_subparsers(dest="study_action", metavar="ACTION", parser_class=Parser, required=True)
+    actions.add_parser("list", help="the studies and what each reproduces")
+    for action, text in (("run", "run what the store lacks of a study (resumes a killed one)"),
+                         ("status", "which runs of a study the store holds, which failed, what is missing"),
+                         ("report", "the study's report: tables beside the paper's figures, tests, PNGs")):
+        child = actions.add_parser(action, help=text, description=text)
+        child.add_argument("name", help="study name (see `robustbp study list`)")
+        child.add_argument("--budget", choices=BUDGETS, default="smoke", help="smoke (seconds), cpu (about 2 h on "
+                           "2 cores) or paper (the paper's settings); default smoke")
+        child.add_argument("--store", default=str(DEFAULT_STORE), metavar="PATH",
+                           help=f"the SQLite result store; default {DEFAULT_STORE}")
+        if action == "run":
+            child.add_argument("--workers", type=int, default=1, metavar="N",
+                               help="runs at once, each with cores/N torch threads; default 1")
+        if action == "report":
+            child.add_argument("--out", default=None, metavar="DIR",
+                               help="folder for report.md and its figures; default docs/results/NAME-BUDGET")
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from robustbp.studies import definition, runner
+
+    if args.study_action == "list":
+        for name in definition.available():
+            study = definition.load(name)
+            print(f"{name:<22} {study.title} ({study.source})")
+        return 0
+    study = definition.load(args.name)
+    if args.study_action == "run":
+        counts = runner.run_study(study, args.budget, args.store, workers=args.workers)
+        print(f"{study.name} [{args.budget}]: {counts['recorded']} runs recorded now ({counts['failed']} failed), "
+              f"{counts['skipped']} already in {args.store}")
+        return 1 if counts["failed"] else 0
+    if args.study_action == "status":
+        state = runner.status(study, args.budget, args.store)
+        print(f"{study.name} [{args.budget}]: {len(state['recorded'])} of {len(state['planned'])} planned runs "
+              f"recorded, {len(state['failed'])} failed, {len(state['missing'])} missing")
+        for key in state["failed"]:
+            print(f"  failed: {key}")
+        for key in state["missing"]:
+            print(f"  missing: {key}")
+        return 0
+    from robustbp.studies import report
+    from robustbp.studies.store import ResultStore
+
+    runs = [run for run in ResultStore(args.store).runs(study.name) if run["config"]["budget"] == args.budget]
+    if not runs:
+        raise ValueError(f"{args.store} holds no run of {study.name} at budget {args.budget}; "
+                         f"run `robustbp study run {study.name} --budget {args.budget}` first")
+    out = Path(args.out) if args.out else Path("docs/results") / f"{study.name}-{args.budget}"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"report: {report.write_report(study, args.budget, runs, out)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------- demo
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     from robustbp import demo
@@ -428,6 +488,8 @@ COMMANDS: dict[str, Command] = {
                       lambda parser: None, run_layers),
     "demo": Command("train three methods on mnist-5k and compare their robustness (under a minute on 2 idle CPU cores)",
                     add_demo_arguments, run_demo),
+    "study": Command("the papers' studies: list, run (kill-safe, resumable), status, report",
+                     add_study_arguments, run_study),
     "bench": Command("time one training step of each method side by side, and its ratio to standard",
                      add_bench_arguments, run_bench),
 }

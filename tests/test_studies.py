@@ -102,3 +102,105 @@ def test_sigkill_while_recording_loses_no_finished_run(tmp_path):
     indices = [run["config"]["index"] for run in runs]
     assert len(indices) >= 20 and indices == list(range(len(indices)))  # no gap, no repeat
     assert all(run["results"] == {"value": run["seed"]} for run in runs)
+
+
+# ---- studies: definitions, runner, command line ----
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from robustbp.studies import definition, runner  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _planned_keys(study, budget):
+    """Every selection key, and one final key per method and seed."""
+    finals = {f"{budget}/final/{entry.label}/seed={seed}" for entry in study.methods for seed in study.budgets[budget].seeds}
+    return {run.key for run in runner.selection_runs(study, budget)} | finals
+
+
+@pytest.mark.parametrize("name", definition.available())
+def test_every_study_runs_at_smoke(name, tmp_path):
+    study = definition.load(name)
+    counts = runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None)
+    runs = ResultStore(tmp_path / "s.sqlite").runs(name)
+    assert counts["failed"] == 0, [run["error"] for run in runs if run["error"]]
+    assert {run["key"] for run in runs} == _planned_keys(study, "smoke")
+    finals = [run for run in runs if run["config"]["phase"] == "final"]
+    assert finals and all(set(run["results"]["suites"]) == set(study.budgets["smoke"].suites) for run in finals)
+    again = runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None)
+    assert again == {"recorded": 0, "skipped": len(runs), "failed": 0}
+
+
+def test_model_selection_takes_the_lowest_validation_score():
+    study = definition.load("ibp-vs-exact")
+    runs = []
+    for run in runner.selection_runs(study, "smoke"):
+        score = 10.0 if run.params["beta"] == 0.1 else 20.0
+        runs.append({"key": run.key, "status": "finished", "history": [{"val_error": 99.0}, {"val_error": score}]})
+    chosen = runner.chosen_params(study, "smoke", runs)
+    assert chosen["loss-ibp p=1"]["params"] == {"p": 1, "beta": 0.1} and chosen["loss-ibp p=1"]["score"] == 10.0
+    runs[-1] = {"key": runs[-1]["key"], "status": "failed", "history": None}  # a failed run is never chosen
+    assert runner.chosen_params(study, "smoke", runs)["loss-ibp p=1"]["params"]["beta"] == 0.01
+    assert "loss-ibp p=1" not in runner.chosen_params(study, "smoke", runs[:-1])  # selection not complete
+
+
+def test_a_bad_study_file_gets_one_error_naming_the_field(tmp_path):
+    text = (ROOT / "studies" / "ibp-vs-exact.toml").read_text()
+    bad = tmp_path / "ibp-vs-exact.toml"
+    bad.write_text(text.replace('baseline = "double-backprop p=1"', 'baseline = "nobody"'))
+    with pytest.raises(ValueError, match="baseline 'nobody' is not one of the methods' labels"):
+        definition.load(bad)
+    bad.write_text(text.replace("grid = { beta = [0.003, 0.01, 0.03, 0.1] }", "grid = { beta = [-1] }", 1))
+    with pytest.raises(ValueError, match="double-backprop: beta must be a finite number >= 0"):
+        definition.load(bad)
+
+
+def _children(pid: int) -> set[int]:
+    children = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children |= {int(p) for p in (task / "children").read_text().split()}
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_coordinator_resumes_and_leaves_no_worker(tmp_path):
+    """SIGKILL the coordinator of a two-worker study mid-way: its workers die with it, and the
+    rerun completes the study with every run recorded exactly once."""
+    store = tmp_path / "s.sqlite"
+    command = [sys.executable, "-m", "robustbp", "study", "run", "ibp-vs-exact", "--store", str(store), "--workers", "2"]
+    coordinator = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 120, set()
+    while time.time() < deadline and (not store.exists() or len(ResultStore(store).runs("ibp-vs-exact")) < 2):
+        workers |= _children(coordinator.pid)
+        time.sleep(0.05)
+    workers |= _children(coordinator.pid)
+    os.kill(coordinator.pid, signal.SIGKILL)
+    coordinator.wait()
+    recorded_before = len(ResultStore(store).runs("ibp-vs-exact"))
+    assert 2 <= recorded_before < 8 and workers
+    time.sleep(1.0)
+    assert not [pid for pid in workers if _alive(pid)]  # no stray worker writes on
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    keys = [run["key"] for run in ResultStore(store).runs("ibp-vs-exact")]
+    assert len(keys) == len(set(keys)) == 8
+
+
+def test_study_command_line(tmp_path, capsys):
+    from robustbp.cli import main
+
+    assert main(["study", "list"]) == 0
+    assert "ibp-vs-exact" in capsys.readouterr().out
+    store = str(tmp_path / "s.sqlite")
+    assert main(["study", "status", "ibp-vs-exact", "--store", store]) == 0
+    assert "0 of 4 planned runs recorded" in capsys.readouterr().out
+    assert main(["study", "run", "no-such-study"]) == 1
+    assert "unknown study 'no-such-study'" in capsys.readouterr().err

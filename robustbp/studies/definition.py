@@ -1,0 +1,178 @@
+"""A study is data: one TOML file under `studies/`, read into a `Study` and checked as a whole
+before anything runs (one ValueError naming the file and the field).
+
+    name, title, source            what it reproduces ("IBP paper, Table 3")
+    dataset, model                 registry names
+    baseline                       the label every method is tested against (rank-sum test)
+    select_by                      "val_error" or "val_loss": how grid values are chosen
+    train                          TrainConfig settings every run shares (only what differs from the defaults)
+    deviations, claims             the study's deviations from the paper, and the paper's claims in words
+    [[methods]]                    label, method, params (fixed), grid (values chosen on validation)
+    [budgets.smoke|cpu|paper]      train (overrides), seeds, val_size, test_size, suites, settings
+                                   (suite budgets, as `robustbp evaluate --set`), grid (per label,
+                                   replacing the method's grid), deviations (this budget's own)
+    [paper]                        the paper's figures to print beside ours: label -> {column: text}
+
+Model selection, as the papers did it: every grid value is trained once (the budget's first seed)
+on the training set less a validation split (`val_size`) and scored by `select_by`; the chosen
+values are then trained with every seed on the full training set, and the model after the last
+epoch is evaluated on `test_size` test images with the budget's suites.
+"""
+from __future__ import annotations
+
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUDGETS = ("smoke", "cpu", "paper")
+SELECT_BY = ("val_error", "val_loss")
+STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    label: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list] = field(default_factory=dict)
+
+    def grid_points(self, grid: dict[str, list] | None = None) -> list[dict[str, Any]]:
+        """Every combination of the grid's values (one empty combination without a grid)."""
+        grid = self.grid if grid is None else grid
+        keys = sorted(grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    train: dict[str, Any]
+    seeds: list[int]
+    val_size: float
+    test_size: int | None
+    suites: list[str]
+    settings: dict[str, Any]
+    grid: dict[str, dict[str, list]]
+    deviations: list[str]
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    source: str
+    dataset: str
+    model: str
+    baseline: str
+    select_by: str
+    train: dict[str, Any]
+    methods: list[MethodEntry]
+    budgets: dict[str, Budget]
+    deviations: list[str]
+    claims: list[str]
+    paper: dict[str, dict[str, str]]
+    path: Path
+
+    def method(self, label: str) -> MethodEntry:
+        return next(entry for entry in self.methods if entry.label == label)
+
+    def grid(self, label: str, budget: str) -> dict[str, list]:
+        """The grid of one method at one budget (the budget's replacement, else the method's own)."""
+        return self.budgets[budget].grid.get(label, self.method(label).grid)
+
+
+def suite_settings(budget: Budget):
+    """The evaluation suites' settings at this budget: the full settings with the budget's changes."""
+    from robustbp.evaluate import FULL, override_settings
+
+    def text(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    return override_settings(FULL, [f"{name}={text(value)}" for name, value in budget.settings.items()])
+
+
+def available(folder: Path = STUDIES_DIR) -> list[str]:
+    return sorted(path.stem for path in folder.glob("*.toml"))
+
+
+def load(name_or_path: str | Path, folder: Path = STUDIES_DIR) -> Study:
+    """Read and check a study by name (`studies/NAME.toml`) or path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = folder / f"{name_or_path}.toml"
+        if not path.exists():
+            raise ValueError(f"unknown study {str(name_or_path)!r}; available: {', '.join(available(folder))}")
+    with open(path, "rb") as handle:
+        try:
+            raw = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{path}: not valid TOML: {error}") from None
+    try:
+        return _study(raw, path)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: missing or malformed field {error}") from None
+
+
+def _study(raw: dict, path: Path) -> Study:
+    from robustbp import data, methods, models
+    from robustbp.evaluate import SUITES
+    from robustbp.training import TrainConfig
+
+    def fail(message: str):
+        raise ValueError(f"{path}: {message}")
+
+    unknown = set(raw) - {"name", "title", "source", "dataset", "model", "baseline", "select_by", "train",
+                          "methods", "budgets", "deviations", "claims", "paper"}
+    if unknown:
+        fail(f"unknown fields {sorted(unknown)}")
+    if raw["name"] != path.stem:
+        fail(f"name {raw['name']!r} differs from the file name {path.stem!r}")
+    if raw["dataset"] not in data.available():
+        fail(f"unknown dataset {raw['dataset']!r}")
+    if raw["model"] not in models.available():
+        fail(f"unknown model {raw['model']!r}")
+    select_by = raw.get("select_by", "val_error")
+    if select_by not in SELECT_BY:
+        fail(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
+    entries = []
+    for item in raw["methods"]:
+        entry = MethodEntry(item["label"], item["method"], dict(item.get("params", {})), dict(item.get("grid", {})))
+        for point in entry.grid_points() or [{}]:
+            try:
+                methods.get(entry.method, **entry.params, **point)
+            except ValueError as error:
+                fail(f"method {entry.label!r}: {error}")
+        entries.append(entry)
+    labels = [entry.label for entry in entries]
+    if len(set(labels)) != len(labels):
+        fail(f"method labels must be unique, got {labels}")
+    if raw["baseline"] not in labels:
+        fail(f"baseline {raw['baseline']!r} is not one of the methods' labels {labels}")
+    budgets = {}
+    for name, item in raw["budgets"].items():
+        if name not in BUDGETS:
+            fail(f"unknown budget {name!r}; budgets are {BUDGETS}")
+        budget = Budget(name, dict(item.get("train", {})), list(item["seeds"]), item.get("val_size", 0.1),
+                        item.get("test_size"), list(item.get("suites", ["clean"])), dict(item.get("settings", {})),
+                        {label: dict(grid) for label, grid in item.get("grid", {}).items()},
+                        list(item.get("deviations", [])))
+        if not budget.seeds or len(set(budget.seeds)) != len(budget.seeds):
+            fail(f"budget {name}: seeds must be distinct, got {budget.seeds}")
+        if set(budget.suites) - set(SUITES):
+            fail(f"budget {name}: unknown suites {sorted(set(budget.suites) - set(SUITES))}; available: {SUITES}")
+        if set(budget.grid) - set(labels):
+            fail(f"budget {name}: grids for unknown labels {sorted(set(budget.grid) - set(labels))}")
+        try:
+            suite_settings(budget)
+            TrainConfig(dataset=raw["dataset"], model=raw["model"], **{**raw.get("train", {}), **budget.train})
+        except (ValueError, TypeError) as error:
+            fail(f"budget {name}: {error}")
+        budgets[name] = budget
+    missing = set(BUDGETS) - set(budgets)
+    if missing:
+        fail(f"every study needs the budgets {BUDGETS}; missing {sorted(missing)}")
+    return Study(raw["name"], raw["title"], raw["source"], raw["dataset"], raw["model"], raw["baseline"], select_by,
+                 dict(raw.get("train", {})), entries, budgets, list(raw.get("deviations", [])),
+                 list(raw.get("claims", [])), {k: dict(v) for k, v in raw.get("paper", {}).items()}, path)

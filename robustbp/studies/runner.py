@@ -1,0 +1,225 @@
+"""Run a study at a budget: plan its runs, skip those the store already holds, train and evaluate
+the rest (in this process, or in N worker processes), and record each run once, as it finishes.
+
+    robustbp study run ibp-vs-exact --budget smoke [--workers N] [--store runs/studies.sqlite]
+
+Two phases, as the papers chose their settings: model selection (every grid point of every
+method, the budget's first seed, trained on the training set less `val_size`, scored by the
+study's `select_by` after the last epoch), then the final runs (the chosen values, every seed,
+the full training set), each evaluated on the first `test_size` test images with the budget's
+suites. A study killed at any moment resumes where it stopped: the coordinator alone writes the
+store, each finished run in one transaction, and worker processes die with it (the parent-death
+signal). A run that fails (a non-finite loss, an exception) is recorded as failed with its error.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import math
+import os
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustbp.studies.definition import Study, suite_settings
+from robustbp.studies.store import ResultStore
+
+DEFAULT_STORE = Path("runs/studies.sqlite")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of a study: its store key and everything needed to train it."""
+
+    key: str
+    budget: str
+    phase: str  # "select" or "final"
+    label: str
+    method: str
+    params: dict[str, Any]
+    seed: int
+    train: dict[str, Any]  # TrainConfig settings
+
+    def record_config(self) -> dict[str, Any]:
+        return {"budget": self.budget, "phase": self.phase, "label": self.label, "method": self.method,
+                "params": self.params, "train": self.train}
+
+
+def _point_text(point: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(point.items())) or "default"
+
+
+def _train_settings(study: Study, budget: str, method: str, params: dict, seed: int, val_size) -> dict[str, Any]:
+    return {"dataset": study.dataset, "model": study.model, **study.train, **study.budgets[budget].train,
+            "method": method, "method_params": params, "seed": seed, "val_size": val_size}
+
+
+def selection_runs(study: Study, budget: str) -> list[PlannedRun]:
+    """Every grid point of every method with a grid, on the budget's first seed, with a validation split."""
+    seed, val_size = study.budgets[budget].seeds[0], study.budgets[budget].val_size
+    runs = []
+    for entry in study.methods:
+        grid = study.grid(entry.label, budget)
+        if not grid:
+            continue
+        for point in entry.grid_points(grid):
+            params = {**entry.params, **point}
+            runs.append(PlannedRun(f"{budget}/select/{entry.label}/{_point_text(point)}", budget, "select", entry.label,
+                                   entry.method, params, seed,
+                                   _train_settings(study, budget, entry.method, params, seed, val_size)))
+    return runs
+
+
+def chosen_params(study: Study, budget: str, runs: list[dict]) -> dict[str, dict[str, Any]]:
+    """label -> {"params", "by", "score", "candidates": [(params, score), ...]} from the recorded
+    selection runs (lowest `select_by` after the last epoch; failed runs never chosen). A method
+    without a grid keeps its fixed parameters (by None). A label whose selection is not complete
+    yet, or all of whose selection runs failed, is left out."""
+    chosen: dict[str, dict[str, Any]] = {}
+    recorded = {run["key"]: run for run in runs}
+    planned = selection_runs(study, budget)
+    for entry in study.methods:
+        mine = [run for run in planned if run.label == entry.label]
+        if not mine:
+            chosen[entry.label] = {"params": dict(entry.params), "by": None, "score": None, "candidates": []}
+            continue
+        if any(run.key not in recorded for run in mine):
+            continue
+        candidates = []
+        for run in mine:
+            record = recorded[run.key]
+            score = record["history"][-1].get(study.select_by) if record["status"] == "finished" else None
+            candidates.append((run.params, score if score is not None and math.isfinite(score) else math.inf))
+        params, score = min(candidates, key=lambda candidate: candidate[1])
+        if math.isinf(score):  # every selection run failed: nothing to choose, no final runs
+            continue
+        chosen[entry.label] = {"params": params, "by": study.select_by, "score": score, "candidates": candidates}
+    return chosen
+
+
+def final_runs(study: Study, budget: str, chosen: dict[str, dict[str, Any]]) -> list[PlannedRun]:
+    """The chosen values of every method with every seed, trained on the full training set."""
+    runs = []
+    for entry in study.methods:
+        if entry.label not in chosen:
+            continue
+        params = chosen[entry.label]["params"]
+        for seed in study.budgets[budget].seeds:
+            runs.append(PlannedRun(f"{budget}/final/{entry.label}/seed={seed}", budget, "final", entry.label,
+                                   entry.method, params, seed, _train_settings(study, budget, entry.method, params,
+                                                                              seed, 0.0)))
+    return runs
+
+
+def execute(run: PlannedRun, study: Study, data: tuple) -> dict[str, Any]:
+    """Train (and, for a final run, evaluate on the test images given) one run; the keyword
+    arguments of `ResultStore.record`."""
+    from robustbp.evaluate import evaluate_runs
+    from robustbp.training import TrainConfig, train
+
+    try:
+        result = train(TrainConfig(**run.train), None, progress=False, catch_sigint=False, data=data)
+        history = result.history
+        seconds = statistics.fmean(epoch["seconds"] for epoch in history)
+        results = None
+        if run.phase == "final":
+            budget, test = study.budgets[run.budget], data[1]
+            with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+                evaluation = evaluate_runs({run.label: result.model}, test.images, test.labels,
+                                           budget.suites, Path(folder), seed=run.seed, settings=suite_settings(budget))
+            results = {"n_points": len(test),
+                       "suites": {name: suite["models"][run.label] for name, suite in evaluation["suites"].items()}}
+        return {"history": history, "results": results, "seconds_per_epoch": seconds}
+    except Exception as error:  # noqa: BLE001  (recorded as a failed run, with its message)
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def _worker_start(threads: int) -> None:
+    """In each worker: its share of the cores, and death when the coordinator dies (Linux)."""
+    torch.set_num_threads(threads)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _worker_execute(run: PlannedRun) -> tuple[PlannedRun, dict[str, Any]]:
+    return run, execute(run, _WORKER_STATE["study"], _WORKER_STATE["data"])
+
+
+def _worker_init(threads: int, study: Study, data: tuple) -> None:
+    _worker_start(threads)
+    _WORKER_STATE.update(study=study, data=data)
+
+
+def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE, workers: int = 1,
+              report: Callable[[str], None] = print, data: tuple | None = None) -> dict[str, int]:
+    """Run what the store lacks of `study` at `budget`; returns counts of runs recorded now,
+    skipped (already recorded) and failed."""
+    from robustbp import data as datasets
+
+    if budget not in study.budgets:
+        raise ValueError(f"unknown budget {budget!r}; {study.name} has {', '.join(study.budgets)}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    train_set, test_set = data or datasets.load(study.dataset)
+    test_size = study.budgets[budget].test_size
+    if test_size is not None and test_size < len(test_set):  # the same points for each epoch's test error and the suites
+        test_set = test_set.take(torch.arange(test_size), f"{test_set.name}[:{test_size}]")
+    data = (train_set, test_set)
+    counts = {"recorded": 0, "skipped": 0, "failed": 0}
+    started = time.perf_counter()
+    with ResultStore(store_path) as store:
+        for phase in ("select", "final"):
+            recorded = {run["key"] for run in store.runs(study.name)}
+            planned = selection_runs(study, budget) if phase == "select" else final_runs(
+                study, budget, chosen_params(study, budget, store.runs(study.name)))
+            todo = [run for run in planned if run.key not in recorded]
+            counts["skipped"] += len(planned) - len(todo)
+            for done, (run, outcome) in enumerate(_execute_all(todo, study, data, workers), start=1):
+                store.record(run.key, study.name, run.record_config(), run.seed, **outcome)
+                counts["recorded"] += 1
+                counts["failed"] += "error" in outcome
+                elapsed = time.perf_counter() - started
+                left = elapsed / counts["recorded"] * (len(todo) - done)
+                status = outcome.get("error") or f"test error {outcome['history'][-1]['test_error']:.2f}%"
+                report(f"{study.name} [{budget}] {phase} {done}/{len(todo)} {run.label} seed {run.seed}: {status}; "
+                       f"elapsed {elapsed:.0f} s, this phase about {left:.0f} s left")
+    return counts
+
+
+def _execute_all(runs: list[PlannedRun], study: Study, data: tuple, workers: int):
+    """(run, outcome) for every run as it finishes: in this process, or in `workers` processes
+    that each get cores / workers torch threads."""
+    if workers == 1 or len(runs) <= 1:
+        for run in runs:
+            yield run, execute(run, study, data)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(threads, study, data)) as pool:
+        futures = [pool.submit(_worker_execute, run) for run in runs]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def status(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE) -> dict[str, Any]:
+    """What the store holds of `study` at `budget`: planned, recorded, failed and missing keys."""
+    runs = [run for run in ResultStore(store_path).runs(study.name) if run["config"]["budget"] == budget]
+    recorded = {run["key"]: run for run in runs}
+    planned = selection_runs(study, budget)
+    chosen = chosen_params(study, budget, runs)
+    if len(chosen) == len(study.methods):
+        planned += final_runs(study, budget, chosen)
+    return {"planned": [asdict(run)["key"] for run in planned],
+            "recorded": sorted(recorded), "failed": sorted(k for k, r in recorded.items() if r["status"] == "failed"),
+            "missing": [run.key for run in planned if run.key not in recorded], "chosen": chosen}
