@@ -335,7 +335,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     from robustbp.studies.definition import BUDGETS
     from robustbp.studies.runner import DEFAULT_STORE
 
-    actions = parser.add_subparsers(dest="study_action", metavar="ACTION", parser_class=Parser, required=True)
+    actions = parser.add_subparsers(dest="study_action", metavar="ACTION", parser_class=Parser, required=True,
+                                    help="list, run, status or report")
     actions.add_parser("list", help="the studies and what each reproduces")
     for action, text in (("run", "run what the store lacks of a study (resumes a killed one)"),
                          ("status", "which runs of a study the store holds, which failed, what is missing"),
@@ -349,6 +350,10 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         if action == "run":
             child.add_argument("--workers", type=int, default=1, metavar="N",
                                help="runs at once, each with cores/N torch threads; default 1")
+            child.add_argument("--backend", choices=("local", "ray"), default="local",
+                               help="local processes, or one Ray task per run (pip install robustbp[ray]); default local")
+            child.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                               help="an existing Ray cluster (default: start a local instance)")
         if action == "report":
             child.add_argument("--out", default=None, metavar="DIR",
                                help="folder for report.md and its figures; default docs/results/NAME-BUDGET")
@@ -364,7 +369,8 @@ def run_study(args: argparse.Namespace) -> int:
         return 0
     study = definition.load(args.name)
     if args.study_action == "run":
-        counts = runner.run_study(study, args.budget, args.store, workers=args.workers)
+        counts = runner.run_study(study, args.budget, args.store, workers=args.workers, backend=args.backend,
+                                  ray_address=args.ray_address)
         print(f"{study.name} [{args.budget}]: {counts['recorded']} runs recorded now ({counts['failed']} failed), "
               f"{counts['skipped']} already in {args.store}")
         return 1 if counts["failed"] else 0

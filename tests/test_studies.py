@@ -204,3 +204,34 @@ def test_study_command_line(tmp_path, capsys):
     assert "0 of 4 planned runs recorded" in capsys.readouterr().out
     assert main(["study", "run", "no-such-study"]) == 1
     assert "unknown study 'no-such-study'" in capsys.readouterr().err
+
+
+def test_the_ray_backend_records_what_the_local_one_does(tmp_path):
+    """The same smoke study through Ray (one thread per task, as here): the same keys and configs,
+    metrics equal within float tolerance (hosts and seconds aside)."""
+    pytest.importorskip("ray")  # an optional extra: `make` installs it, so CI runs this
+    study = definition.load("ibp-vs-exact")
+    runner.run_study(study, "smoke", tmp_path / "local.sqlite", report=lambda line: None)
+    runner.run_study(study, "smoke", tmp_path / "ray.sqlite", workers=2, backend="ray", report=lambda line: None)
+    local = {run["key"]: run for run in ResultStore(tmp_path / "local.sqlite").runs("ibp-vs-exact")}
+    remote = {run["key"]: run for run in ResultStore(tmp_path / "ray.sqlite").runs("ibp-vs-exact")}
+    assert set(local) == set(remote) and len(local) == 8
+    for key, run in local.items():
+        other = remote[key]
+        assert run["config"] == other["config"] and run["status"] == other["status"] == "finished"
+        for mine, theirs in zip(run["history"], other["history"]):
+            for metric in ("loss", "val_error", "val_loss", "test_error"):  # val_ ones None in final runs
+                assert _close(mine[metric], theirs[metric]), (key, metric)
+        if run["results"]:
+            assert _close(run["results"], other["results"]), key
+
+
+def _close(a, b) -> bool:
+    """Equal structures, numbers within float tolerance."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and set(a) == set(b) and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    return a == b

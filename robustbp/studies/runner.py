@@ -34,6 +34,7 @@ from robustbp.studies.definition import Study, suite_settings
 from robustbp.studies.store import ResultStore
 
 DEFAULT_STORE = Path("runs/studies.sqlite")
+BACKENDS = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -163,15 +164,20 @@ def _worker_init(threads: int, study: Study, data: tuple) -> None:
 
 
 def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE, workers: int = 1,
-              report: Callable[[str], None] = print, data: tuple | None = None) -> dict[str, int]:
+              report: Callable[[str], None] = print, data: tuple | None = None, backend: str = "local",
+              ray_address: str | None = None) -> dict[str, int]:
     """Run what the store lacks of `study` at `budget`; returns counts of runs recorded now,
-    skipped (already recorded) and failed."""
+    skipped (already recorded) and failed. backend "local": in this process (workers=1) or in
+    `workers` processes; "ray": each run a Ray task (`ray.init(ray_address)`, a local instance by
+    default), `workers` at once, results written here by the coordinator alone."""
     from robustbp import data as datasets
 
     if budget not in study.budgets:
         raise ValueError(f"unknown budget {budget!r}; {study.name} has {', '.join(study.budgets)}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     train_set, test_set = data or datasets.load(study.dataset)
     test_size = study.budgets[budget].test_size
     if test_size is not None and test_size < len(test_set):  # the same points for each epoch's test error and the suites
@@ -179,14 +185,15 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
     data = (train_set, test_set)
     counts = {"recorded": 0, "skipped": 0, "failed": 0}
     started = time.perf_counter()
-    with ResultStore(store_path) as store:
+    with ResultStore(store_path) as store, _ray_session(backend):
         for phase in ("select", "final"):
             recorded = {run["key"] for run in store.runs(study.name)}
             planned = selection_runs(study, budget) if phase == "select" else final_runs(
                 study, budget, chosen_params(study, budget, store.runs(study.name)))
             todo = [run for run in planned if run.key not in recorded]
             counts["skipped"] += len(planned) - len(todo)
-            for done, (run, outcome) in enumerate(_execute_all(todo, study, data, workers), start=1):
+            execute_all = _execute_with_ray if backend == "ray" else _execute_all
+            for done, (run, outcome) in enumerate(execute_all(todo, study, data, workers, ray_address), start=1):
                 store.record(run.key, study.name, run.record_config(), run.seed, **outcome)
                 counts["recorded"] += 1
                 counts["failed"] += "error" in outcome
@@ -198,7 +205,7 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
     return counts
 
 
-def _execute_all(runs: list[PlannedRun], study: Study, data: tuple, workers: int):
+def _execute_all(runs: list[PlannedRun], study: Study, data: tuple, workers: int, ray_address=None):
     """(run, outcome) for every run as it finishes: in this process, or in `workers` processes
     that each get cores / workers torch threads."""
     if workers == 1 or len(runs) <= 1:
@@ -210,6 +217,45 @@ def _execute_all(runs: list[PlannedRun], study: Study, data: tuple, workers: int
         futures = [pool.submit(_worker_execute, run) for run in runs]
         for future in as_completed(futures):
             yield future.result()
+
+
+@contextlib.contextmanager
+def _ray_session(backend: str):
+    """Shut down the Ray instance this study started, whatever happens."""
+    try:
+        yield
+    finally:
+        if backend == "ray":
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+
+
+def _ray_execute(run: PlannedRun, study: Study, data: tuple, threads: int) -> tuple[PlannedRun, dict[str, Any]]:
+    torch.set_num_threads(threads)
+    return run, execute(run, study, data)
+
+
+def _execute_with_ray(runs: list[PlannedRun], study: Study, data: tuple, workers: int, ray_address=None):
+    """(run, outcome) for every run as it finishes, each run a Ray task with cores / workers threads."""
+    try:
+        import ray
+    except ImportError:
+        from robustbp.validation import MissingDependency
+
+        raise MissingDependency("--backend ray needs Ray: pip install robustbp[ray]") from None
+    if not runs:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if not ray.is_initialized():  # once per study: run_study shuts it down
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    task = ray.remote(num_cpus=threads)(_ray_execute)
+    study_ref, data_ref = ray.put(study), ray.put(data)
+    pending = [task.remote(run, study_ref, data_ref, threads) for run in runs]
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(finished[0])
 
 
 def status(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE) -> dict[str, Any]:
