@@ -138,7 +138,9 @@ def execute(run: PlannedRun, study: Study, data: tuple) -> dict[str, Any]:
                 evaluation = evaluate_runs({run.label: result.model}, test.images, test.labels,
                                            budget.suites, Path(folder), seed=run.seed, settings=suite_settings(budget))
             results = {"n_points": len(test),
-                       "suites": {name: suite["models"][run.label] for name, suite in evaluation["suites"].items()}}
+                       "suites": {name: suite["models"][run.label] for name, suite in evaluation["suites"].items()},
+                       "settings": {name: suite["settings"] for name, suite in evaluation["suites"].items()},
+                       "warnings": evaluation["warnings"]}
         return {"history": history, "results": results, "seconds_per_epoch": seconds}
     except Exception as error:  # noqa: BLE001  (recorded as a failed run, with its message)
         return {"error": f"{type(error).__name__}: {error}"}
