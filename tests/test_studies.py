@@ -131,6 +131,11 @@ def test_every_study_runs_at_smoke(name, tmp_path):
     assert finals and all(set(run["results"]["suites"]) == set(study.budgets["smoke"].suites) for run in finals)
     again = runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None)
     assert again == {"recorded": 0, "skipped": len(runs), "failed": 0}
+    from robustbp.studies.report import write_report
+
+    text = write_report(study, "smoke", runs, tmp_path / "report").read_text()
+    assert all(f"| {entry.label}" in text for entry in study.methods)
+    assert all(deviation in text for deviation in study.deviations)
 
 
 def test_model_selection_takes_the_lowest_validation_score():
