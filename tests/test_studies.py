@@ -240,3 +240,29 @@ def _close(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, (int, float)):
         return b == pytest.approx(a, rel=1e-5, abs=1e-6)
     return a == b
+
+
+def test_entries_carry_their_own_training_settings_and_grids_may_hold_them(tmp_path):
+    """An entry's `train` (dropout here) and a grid over a training setting (lr) reach the runs'
+    configs; the chosen lr is what the final runs train with."""
+    text = (ROOT / "studies" / "ibp-vs-exact.toml").read_text()
+    text = text.replace('''label = "loss-ibp p=1"
+method = "loss-ibp"
+params = { p = 1 }
+grid = { beta = [0.003, 0.01, 0.03, 0.1] }''', '''label = "loss-ibp p=1"
+method = "loss-ibp"
+params = { p = 1, beta = 0.01 }
+grid = { lr = [0.01, 0.05] }
+train = { dropout = 0.5 }''')
+    path = tmp_path / "ibp-vs-exact.toml"
+    path.write_text(text.replace('"loss-ibp p=1" = { beta = [0.01, 0.1] }', '"loss-ibp p=1" = { lr = [0.01, 0.05] }'))
+    study = definition.load(path)
+    mine = [run for run in runner.selection_runs(study, "smoke") if run.label == "loss-ibp p=1"]
+    assert [(run.train["lr"], run.train["dropout"], run.train["method_params"]) for run in mine] == [
+        (0.01, 0.5, {"p": 1, "beta": 0.01}), (0.05, 0.5, {"p": 1, "beta": 0.01})]
+    records = [{"key": run.key, "status": "finished", "history": [{"val_error": 10.0 if run.train["lr"] == 0.05
+                                                                    else 20.0}]} for run in mine]
+    chosen = runner.chosen_params(study, "smoke", records)
+    finals = runner.final_runs(study, "smoke", chosen)
+    assert {run.train["lr"] for run in finals if run.label == "loss-ibp p=1"} == {0.05}
+    assert all(run.train["dropout"] == 0.5 for run in finals if run.label == "loss-ibp p=1")

@@ -7,8 +7,10 @@ before anything runs (one ValueError naming the file and the field).
     select_by                      "val_error" or "val_loss": how grid values are chosen
     train                          TrainConfig settings every run shares (only what differs from the defaults)
     deviations, claims             the study's deviations from the paper, and the paper's claims in words
-    [[methods]]                    label, method, params (fixed), grid (values chosen on validation)
-    [budgets.smoke|cpu|paper]      train (overrides), seeds, val_size, test_size, suites, settings
+    [[methods]]                    label, method, params (fixed), grid (values chosen on validation:
+                                   method parameters or training settings such as lr), train (this
+                                   entry's own training settings: dropout, model, activation, ...)
+    [budgets.smoke|cpu|paper]      train (overrides the study's and each entry's), seeds, val_size, test_size, suites, settings
                                    (suite budgets, as `robustbp evaluate --set`), grid (per label,
                                    replacing the method's grid), deviations (this budget's own)
     [paper]                        the paper's figures to print beside ours: label -> {column: text}
@@ -33,10 +35,15 @@ STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
 
 @dataclass(frozen=True)
 class MethodEntry:
+    """label: the report's name for it; method, params: the method and its fixed parameters;
+    grid: values chosen on validation, method parameters or training settings (lr, batch_size);
+    train: this entry's own training settings (dropout, model, activation, lr, train_size ...)."""
+
     label: str
     method: str
     params: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
 
     def grid_points(self, grid: dict[str, list] | None = None) -> list[dict[str, Any]]:
         """Every combination of the grid's values (one empty combination without a grid)."""
@@ -81,6 +88,17 @@ class Study:
     def grid(self, label: str, budget: str) -> dict[str, list]:
         """The grid of one method at one budget (the budget's replacement, else the method's own)."""
         return self.budgets[budget].grid.get(label, self.method(label).grid)
+
+
+def split_point(point: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A grid point's method parameters and its training settings (TrainConfig fields)."""
+    import dataclasses
+
+    from robustbp.training import TrainConfig
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return ({k: v for k, v in point.items() if k not in train_fields},
+            {k: v for k, v in point.items() if k in train_fields})
 
 
 def suite_settings(budget: Budget):
@@ -138,11 +156,18 @@ def _study(raw: dict, path: Path) -> Study:
         fail(f"select_by must be one of {SELECT_BY}, got {select_by!r}")
     entries = []
     for item in raw["methods"]:
-        entry = MethodEntry(item["label"], item["method"], dict(item.get("params", {})), dict(item.get("grid", {})))
+        entry = MethodEntry(item["label"], item["method"], dict(item.get("params", {})), dict(item.get("grid", {})),
+                            dict(item.get("train", {})))
+        unknown_keys = set(item) - {"label", "method", "params", "grid", "train"}
+        if unknown_keys:
+            fail(f"method {item.get('label')!r}: unknown fields {sorted(unknown_keys)}")
         for point in entry.grid_points() or [{}]:
+            method_point, train_point = split_point(point)
             try:
-                methods.get(entry.method, **entry.params, **point)
-            except ValueError as error:
+                methods.get(entry.method, **entry.params, **method_point)
+                TrainConfig(dataset=raw["dataset"], model=raw["model"],
+                            **{**raw.get("train", {}), **entry.train, **train_point})
+            except (ValueError, TypeError) as error:
                 fail(f"method {entry.label!r}: {error}")
         entries.append(entry)
     labels = [entry.label for entry in entries]

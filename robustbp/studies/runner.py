@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from robustbp.studies.definition import Study, suite_settings
+from robustbp.studies.definition import Study, split_point, suite_settings
 from robustbp.studies.store import ResultStore
 
 DEFAULT_STORE = Path("runs/studies.sqlite")
@@ -59,9 +59,14 @@ def _point_text(point: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(point.items())) or "default"
 
 
-def _train_settings(study: Study, budget: str, method: str, params: dict, seed: int, val_size) -> dict[str, Any]:
-    return {"dataset": study.dataset, "model": study.model, **study.train, **study.budgets[budget].train,
-            "method": method, "method_params": params, "seed": seed, "val_size": val_size}
+def _train_settings(study: Study, budget: str, label: str, point: dict, seed: int, val_size) -> dict[str, Any]:
+    """TrainConfig settings of one run: study, entry, budget, then the grid point's own (a grid may
+    hold training settings such as lr beside method parameters)."""
+    entry = study.method(label)
+    method_point, train_point = split_point(point)
+    return {"dataset": study.dataset, "model": study.model, **study.train, **entry.train,
+            **study.budgets[budget].train, **train_point, "method": entry.method,
+            "method_params": {**entry.params, **method_point}, "seed": seed, "val_size": val_size}
 
 
 def selection_runs(study: Study, budget: str) -> list[PlannedRun]:
@@ -76,7 +81,7 @@ def selection_runs(study: Study, budget: str) -> list[PlannedRun]:
             params = {**entry.params, **point}
             runs.append(PlannedRun(f"{budget}/select/{entry.label}/{_point_text(point)}", budget, "select", entry.label,
                                    entry.method, params, seed,
-                                   _train_settings(study, budget, entry.method, params, seed, val_size)))
+                                   _train_settings(study, budget, entry.label, point, seed, val_size)))
     return runs
 
 
@@ -114,9 +119,10 @@ def final_runs(study: Study, budget: str, chosen: dict[str, dict[str, Any]]) -> 
         if entry.label not in chosen:
             continue
         params = chosen[entry.label]["params"]
+        point = {k: v for k, v in params.items() if k not in entry.params or entry.params[k] != v}
         for seed in study.budgets[budget].seeds:
             runs.append(PlannedRun(f"{budget}/final/{entry.label}/seed={seed}", budget, "final", entry.label,
-                                   entry.method, params, seed, _train_settings(study, budget, entry.method, params,
+                                   entry.method, params, seed, _train_settings(study, budget, entry.label, point,
                                                                               seed, 0.0)))
     return runs
 
