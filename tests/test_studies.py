@@ -121,9 +121,11 @@ def _planned_keys(study, budget):
 
 
 @pytest.mark.parametrize("name", definition.available())
-def test_every_study_runs_at_smoke(name, tmp_path):
+def test_every_study_runs_at_smoke(name, tmp_path, capsys):
     study = definition.load(name)
     counts = runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None)
+    progress = capsys.readouterr().err  # a line per epoch of every run: study, phase, method, seed, epoch
+    assert f"{name} [smoke] final {study.baseline} seed {study.budgets['smoke'].seeds[-1]}: epoch 1/" in progress
     runs = ResultStore(tmp_path / "s.sqlite").runs(name)
     assert counts["failed"] == 0, [run["error"] for run in runs if run["error"]]
     assert {run["key"] for run in runs} == _planned_keys(study, "smoke")

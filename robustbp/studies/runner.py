@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -133,8 +134,14 @@ def execute(run: PlannedRun, study: Study, data: tuple) -> dict[str, Any]:
     from robustbp.evaluate import evaluate_runs
     from robustbp.training import TrainConfig, train
 
+    config = TrainConfig(**run.train)
+
+    def announce(record: dict[str, Any]) -> None:
+        print(f"{study.name} [{run.budget}] {run.phase} {run.label} seed {run.seed}: epoch {record['epoch']}/"
+              f"{config.epochs}, test error {record['test_error']:.2f}%, {record['seconds']:.1f} s", file=sys.stderr)
+
     try:
-        result = train(TrainConfig(**run.train), None, progress=False, catch_sigint=False, data=data)
+        result = train(config, None, progress=False, catch_sigint=False, data=data, on_epoch=announce)
         history = result.history
         seconds = statistics.fmean(epoch["seconds"] for epoch in history)
         results = None

@@ -8,6 +8,7 @@ the operating system drops it when its process dies, however it dies.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -52,13 +53,19 @@ class ResultStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = None
-        with self._connect() as connection:
+        with self._connection() as connection:
             connection.execute(SCHEMA)
 
-    def _connect(self) -> sqlite3.Connection:
+    @contextlib.contextmanager
+    def _connection(self):
+        """A connection for one transaction (committed on success, rolled back on error), then closed."""
         connection = sqlite3.connect(self.path, timeout=30)
-        connection.execute("PRAGMA journal_mode=WAL")  # readers see the last committed run while one is written
-        return connection
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")  # readers see the last committed run while one is written
+            with connection:
+                yield connection
+        finally:
+            connection.close()
 
     def __enter__(self) -> "ResultStore":
         self._lock_file = open(f"{self.path}.lock", "a")
@@ -86,19 +93,19 @@ class ResultStore:
                json.dumps(history), json.dumps(results), seconds_per_epoch, error, robustbp.__version__,
                torch.__version__, platform.node() or os.uname().nodename, time.time())
         try:
-            with self._connect() as connection:  # one transaction: the row is there entirely or not at all
+            with self._connection() as connection:  # one transaction: the row is there entirely or not at all
                 connection.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
         except sqlite3.IntegrityError:
             raise ValueError(f"run {key!r} is already recorded in {self.path}") from None
 
     def keys(self, study: str) -> set[str]:
         """The keys of the runs of `study` already recorded, finished or failed."""
-        with self._connect() as connection:
+        with self._connection() as connection:
             return {key for (key,) in connection.execute("SELECT key FROM runs WHERE study = ?", (study,))}
 
     def runs(self, study: str) -> list[dict[str, Any]]:
         """Every recorded run of `study`, in the order recorded, with JSON fields decoded."""
-        with self._connect() as connection:
+        with self._connection() as connection:
             connection.row_factory = sqlite3.Row
             rows = connection.execute("SELECT * FROM runs WHERE study = ? ORDER BY recorded_at", (study,)).fetchall()
         decoded = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def train(
     loss_fn=None,
     progress: bool = True,
     catch_sigint: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train `config.model` on `config.dataset` with `config.method`; return a TrainResult.
 
@@ -66,6 +68,7 @@ def train(
       but not shorten the epochs already trained) or `overwrite`.
     data: (train, test) ImageSets to use instead of loading `config.dataset`.
     loss_fn: per-sample loss given to the method (default cross-entropy).
+    on_epoch: called with each epoch's history record as it is made (a study's progress lines).
     Ctrl-C saves a checkpoint after the current step and returns with status "interrupted".
     Raises NonFiniteLoss (naming the epoch and step) if the loss becomes NaN or infinite.
 
@@ -86,6 +89,7 @@ def train(
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         trainer = Trainer(config, out, splits, method, device, checkpoint, Progress(progress))  # may still fail
+        trainer.on_epoch = on_epoch
         runs.prepare_run_folder(out, resume)  # only now touch the disk
         return trainer.run(catch_sigint)
 
@@ -143,6 +147,7 @@ class Trainer:
                  checkpoint: runs.Checkpoint | None, progress: Progress):
         self.config, self.out, self.splits, self.method = config, out, splits, method
         self.device, self.progress = device, progress
+        self.on_epoch: Callable[[dict[str, Any]], None] | None = None
         self.x = splits.train.images.to(device)
         self.y = splits.train.labels.to(device)
         self.model_args = model_args_for(config, splits.train)
@@ -347,6 +352,8 @@ class Trainer:
             "eval_seconds": time.perf_counter() - started,
         }
         self.history.append(record)
+        if self.on_epoch is not None:
+            self.on_epoch(record)
         self.epoch += 1
         self.step = 0
         self.sums = {}
