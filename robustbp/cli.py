@@ -333,7 +333,7 @@ def add_short(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------- study
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     from robustbp.studies.definition import BUDGETS
-    from robustbp.studies.runner import DEFAULT_STORE
+    from robustbp.studies.runner import DEFAULT_RUNS, DEFAULT_STORE
 
     actions = parser.add_subparsers(dest="study_action", metavar="ACTION", parser_class=Parser, required=True,
                                     help="list, run, status or report")
@@ -354,6 +354,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
                                help="local processes, or one Ray task per run (pip install robustbp[ray]); default local")
             child.add_argument("--ray-address", default=None, metavar="ADDRESS",
                                help="an existing Ray cluster (default: start a local instance)")
+            child.add_argument("--runs-dir", default=str(DEFAULT_RUNS), metavar="DIR",
+                               help="where local runs keep checkpoints, so a killed run resumes; default runs/studies")
         if action == "report":
             child.add_argument("--out", default=None, metavar="DIR",
                                help="folder for report.md and its figures; default docs/results/NAME-BUDGET")
@@ -370,7 +372,7 @@ def run_study(args: argparse.Namespace) -> int:
     study = definition.load(args.name)
     if args.study_action == "run":
         counts = runner.run_study(study, args.budget, args.store, workers=args.workers, backend=args.backend,
-                                  ray_address=args.ray_address)
+                                  ray_address=args.ray_address, runs_dir=args.runs_dir)
         print(f"{study.name} [{args.budget}]: {counts['recorded']} runs recorded now ({counts['failed']} failed), "
               f"{counts['skipped']} already in {args.store}")
         return 1 if counts["failed"] else 0

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from robustbp.studies import ResultStore, StoreLocked, rank_sum, summary
 
@@ -123,7 +124,8 @@ def _planned_keys(study, budget):
 @pytest.mark.parametrize("name", definition.available())
 def test_every_study_runs_at_smoke(name, tmp_path, capsys):
     study = definition.load(name)
-    counts = runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None)
+    counts = runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None,
+                              runs_dir=tmp_path / "runs")
     progress = capsys.readouterr().err  # a line per epoch of every run: study, phase, method, seed, epoch
     assert f"{name} [smoke] final {study.baseline} seed {study.budgets['smoke'].seeds[-1]}: epoch 1/" in progress
     runs = ResultStore(tmp_path / "s.sqlite").runs(name)
@@ -131,7 +133,7 @@ def test_every_study_runs_at_smoke(name, tmp_path, capsys):
     assert {run["key"] for run in runs} == _planned_keys(study, "smoke")
     finals = [run for run in runs if run["config"]["phase"] == "final"]
     assert finals and all(set(run["results"]["suites"]) == set(study.budgets["smoke"].suites) for run in finals)
-    again = runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None)
+    again = runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None, runs_dir=None)
     assert again == {"recorded": 0, "skipped": len(runs), "failed": 0}
     from robustbp.studies.report import write_report
 
@@ -183,7 +185,8 @@ def test_a_killed_coordinator_resumes_and_leaves_no_worker(tmp_path):
     """SIGKILL the coordinator of a two-worker study mid-way: its workers die with it, and the
     rerun completes the study with every run recorded exactly once."""
     store = tmp_path / "s.sqlite"
-    command = [sys.executable, "-m", "robustbp", "study", "run", "ibp-vs-exact", "--store", str(store), "--workers", "2"]
+    command = [sys.executable, "-m", "robustbp", "study", "run", "ibp-vs-exact", "--store", str(store), "--workers", "2",
+               "--runs-dir", str(tmp_path / "runs")]
     coordinator = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, workers = time.time() + 120, set()
     while time.time() < deadline and (not store.exists() or len(ResultStore(store).runs("ibp-vs-exact")) < 2):
@@ -218,7 +221,7 @@ def test_the_ray_backend_records_what_the_local_one_does(tmp_path):
     metrics equal within float tolerance (hosts and seconds aside)."""
     pytest.importorskip("ray")  # an optional extra: `make` installs it, so CI runs this
     study = definition.load("ibp-vs-exact")
-    runner.run_study(study, "smoke", tmp_path / "local.sqlite", report=lambda line: None)
+    runner.run_study(study, "smoke", tmp_path / "local.sqlite", report=lambda line: None, runs_dir=None)
     runner.run_study(study, "smoke", tmp_path / "ray.sqlite", workers=2, backend="ray", report=lambda line: None)
     local = {run["key"]: run for run in ResultStore(tmp_path / "local.sqlite").runs("ibp-vs-exact")}
     remote = {run["key"]: run for run in ResultStore(tmp_path / "ray.sqlite").runs("ibp-vs-exact")}
@@ -268,3 +271,26 @@ train = { dropout = 0.5 }''')
     finals = runner.final_runs(study, "smoke", chosen)
     assert {run.train["lr"] for run in finals if run.label == "loss-ibp p=1"} == {0.05}
     assert all(run.train["dropout"] == 0.5 for run in finals if run.label == "loss-ibp p=1")
+
+
+def test_a_run_killed_midway_resumes_from_its_own_checkpoint(tmp_path):
+    """A run whose folder holds a checkpoint after epoch 1 continues from it: the same history as
+    an uninterrupted run, epoch 1 not trained again."""
+    from robustbp import data as datasets
+    from robustbp.training import TrainConfig, train
+
+    study = definition.load("ibp-vs-exact")
+    run = runner.final_runs(study, "smoke", {entry.label: {"params": entry.params} for entry in study.methods})[0]
+    run = runner.PlannedRun(run.key, run.budget, run.phase, run.label, run.method, run.params, run.seed,
+                            {**run.train, "epochs": 2})
+    train_set, test_set = datasets.load("fashion-mnist")
+    data = (train_set, test_set.take(torch.arange(60)))
+    folder = tmp_path / "runs" / study.name / "smoke" / "final" / run.label / f"seed={run.seed}"
+    partial = train(TrainConfig(**{**run.train, "epochs": 1}), folder, progress=False, catch_sigint=False, data=data)
+    resumed = runner.execute(run, study, data, tmp_path / "runs")
+    whole = runner.execute(run, study, data, None)
+    assert [e["epoch"] for e in resumed["history"]] == [1, 2]
+    for mine, theirs in zip(resumed["history"], whole["history"]):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+        assert mine["test_error"] == pytest.approx(theirs["test_error"])
+    assert resumed["history"][0]["seconds"] == partial.history[0]["seconds"]  # epoch 1 read back, not retrained

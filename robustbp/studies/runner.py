@@ -35,6 +35,7 @@ from robustbp.studies.definition import Study, split_point, suite_settings
 from robustbp.studies.store import ResultStore
 
 DEFAULT_STORE = Path("runs/studies.sqlite")
+DEFAULT_RUNS = Path("runs/studies")
 BACKENDS = ("local", "ray")
 
 
@@ -128,9 +129,10 @@ def final_runs(study: Study, budget: str, chosen: dict[str, dict[str, Any]]) -> 
     return runs
 
 
-def execute(run: PlannedRun, study: Study, data: tuple) -> dict[str, Any]:
+def execute(run: PlannedRun, study: Study, data: tuple, runs_dir: Path | None = None) -> dict[str, Any]:
     """Train (and, for a final run, evaluate on the test images given) one run; the keyword
-    arguments of `ResultStore.record`."""
+    arguments of `ResultStore.record`. With `runs_dir`, the run trains in its own folder there
+    (checkpoint every epoch, model.pt at the end) and a run killed midway resumes from it."""
     from robustbp.evaluate import evaluate_runs
     from robustbp.training import TrainConfig, train
 
@@ -141,7 +143,10 @@ def execute(run: PlannedRun, study: Study, data: tuple) -> dict[str, Any]:
               f"{config.epochs}, test error {record['test_error']:.2f}%, {record['seconds']:.1f} s", file=sys.stderr)
 
     try:
-        result = train(config, None, progress=False, catch_sigint=False, data=data, on_epoch=announce)
+        folder = None if runs_dir is None else runs_dir.joinpath(study.name, *run.key.split("/"))
+        resume = folder is not None and (folder / "checkpoint.pt").is_file()
+        result = train(config, folder, resume=resume, overwrite=not resume, progress=False, catch_sigint=False,
+                       data=data, on_epoch=announce)
         history = result.history
         seconds = statistics.fmean(epoch["seconds"] for epoch in history)
         results = None
@@ -170,21 +175,23 @@ _WORKER_STATE: dict[str, Any] = {}
 
 
 def _worker_execute(run: PlannedRun) -> tuple[PlannedRun, dict[str, Any]]:
-    return run, execute(run, _WORKER_STATE["study"], _WORKER_STATE["data"])
+    return run, execute(run, _WORKER_STATE["study"], _WORKER_STATE["data"], _WORKER_STATE["runs_dir"])
 
 
-def _worker_init(threads: int, study: Study, data: tuple) -> None:
+def _worker_init(threads: int, study: Study, data: tuple, runs_dir: Path | None) -> None:
     _worker_start(threads)
-    _WORKER_STATE.update(study=study, data=data)
+    _WORKER_STATE.update(study=study, data=data, runs_dir=runs_dir)
 
 
 def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE, workers: int = 1,
               report: Callable[[str], None] = print, data: tuple | None = None, backend: str = "local",
-              ray_address: str | None = None) -> dict[str, int]:
+              ray_address: str | None = None, runs_dir: str | Path | None = DEFAULT_RUNS) -> dict[str, int]:
     """Run what the store lacks of `study` at `budget`; returns counts of runs recorded now,
     skipped (already recorded) and failed. backend "local": in this process (workers=1) or in
     `workers` processes; "ray": each run a Ray task (`ray.init(ray_address)`, a local instance by
-    default), `workers` at once, results written here by the coordinator alone."""
+    default), `workers` at once, results written here by the coordinator alone. runs_dir: where
+    local runs keep their checkpoints (`runs_dir/STUDY/KEY/`), so that a run killed midway resumes;
+    None keeps them in memory (Ray tasks always do: a cluster's nodes need not share a disk)."""
     from robustbp import data as datasets
 
     if budget not in study.budgets:
@@ -207,8 +214,11 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
                 study, budget, chosen_params(study, budget, store.runs(study.name)))
             todo = [run for run in planned if run.key not in recorded]
             counts["skipped"] += len(planned) - len(todo)
-            execute_all = _execute_with_ray if backend == "ray" else _execute_all
-            for done, (run, outcome) in enumerate(execute_all(todo, study, data, workers, ray_address), start=1):
+            if backend == "ray":
+                outcomes = _execute_with_ray(todo, study, data, workers, ray_address)
+            else:
+                outcomes = _execute_all(todo, study, data, workers, None if runs_dir is None else Path(runs_dir))
+            for done, (run, outcome) in enumerate(outcomes, start=1):
                 store.record(run.key, study.name, run.record_config(), run.seed, **outcome)
                 counts["recorded"] += 1
                 counts["failed"] += "error" in outcome
@@ -220,15 +230,15 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
     return counts
 
 
-def _execute_all(runs: list[PlannedRun], study: Study, data: tuple, workers: int, ray_address=None):
+def _execute_all(runs: list[PlannedRun], study: Study, data: tuple, workers: int, runs_dir: Path | None):
     """(run, outcome) for every run as it finishes: in this process, or in `workers` processes
     that each get cores / workers torch threads."""
     if workers == 1 or len(runs) <= 1:
         for run in runs:
-            yield run, execute(run, study, data)
+            yield run, execute(run, study, data, runs_dir)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(threads, study, data)) as pool:
+    with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(threads, study, data, runs_dir)) as pool:
         futures = [pool.submit(_worker_execute, run) for run in runs]
         for future in as_completed(futures):
             yield future.result()
