@@ -262,7 +262,10 @@ def test_attack_headlines_and_figures(study, tmp_path):
                                                 "bp": {"attack_success_rate": table},
                                                 "linbp": {"attack_success_rate": [[r + 0.05 for r in row]
                                                                                   for row in table]}}
-        record["results"]["suites"]["boundary"] = {"n": 3, "n_no_change": 0, "median": 0.5 + seed, "distances": []}
+        record["results"]["suites"]["boundary"] = {"n": 3, "n_no_change": 0, "median": 0.5 + seed, "q1": 0.4 + seed,
+                                                   "q3": 0.7 + seed, "distances": []}
+        record["results"]["suites"]["spectral"] = {"error": {"n_iter": [1, 5, 20], "estimate_rel_error_mean": [0.3, 0.05,
+                                                                                                              0.01]}}
         return record
 
     runs = [run(BASE, seed, 0.5) for seed in range(3)] + [run(IBP, seed, 0.3) for seed in range(3)]
@@ -274,5 +277,6 @@ def test_attack_headlines_and_figures(study, tmp_path):
     assert ibp["PGD-BP success % (ε=16/255, 100 steps)"] == "40.00 ± 0.00"
     assert ibp["PGD-LinBP success % (ε=16/255, 100 steps)"] == "45.00 ± 0.00"
     assert ibp["boundary median L2"] == "1.5000 ± 1.0000"
-    assert {"pgd.png", "linbp.png", "test_error.png", "loss.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert {"pgd.png", "linbp.png", "test_error.png", "loss.png", "boundary.png", "spectral.png"} <= {
+        p.name for p in tmp_path.iterdir()}
     assert "noise.png" not in {p.name for p in tmp_path.iterdir()}

@@ -531,6 +531,34 @@ def _figures(study: Study, budget: str, finals: dict[str, list[dict]], metrics: 
             axis.legend(fontsize="small")
         save(figure, "linbp.png", "PGD attack success with BP and LinBP gradients against the number of steps")
 
+    def boundary(label):
+        return [_suites(run)["boundary"] for run in finals.get(label, []) if "boundary" in _suites(run)]
+
+    labels = [label for label in _ordered_labels(study) if boundary(label)]
+    if labels:
+        figure, (axis,) = new_figure(width_per_panel=max(4.5, 1.6 * len(labels)))
+        for x, label in enumerate(labels):
+            seeds = boundary(label)
+            medians = [m["median"] for m in seeds]
+            axis.vlines([x] * len(seeds), [m["q1"] for m in seeds], [m["q3"] for m in seeds], alpha=0.4)
+            axis.plot([x] * len(seeds), medians, "o")
+        axis.set_xticks(range(len(labels)), labels, rotation=15)
+        axis.set(ylabel="distance to the decision boundary", title="boundary distance: median and quartiles per seed")
+        save(figure, "boundary.png", "Distance to the decision boundary (median, q1–q3 of each seed's points)")
+
+    def estimate_error(run):
+        e = (_suites(run).get("spectral") or {}).get("error")
+        return {k: 100 * r for k, r in zip(e["n_iter"], e["estimate_rel_error_mean"])} if e else None
+
+    curves = _curves(finals, estimate_error)
+    if curves:
+        figure, (axis,) = new_figure()
+        _plot_curves(axis, curves)
+        axis.set(xlabel="power iterations", ylabel="relative error %", yscale="log",
+                 title="spectral-norm estimate against the exact σ_max")
+        axis.legend(fontsize="small")
+        save(figure, "spectral.png", "Relative error of the power-iteration estimate against the number of iterations")
+
     def loss(run):
         return {record["epoch"]: record["loss"] for record in run.get("history") or []
                 if record.get("loss") is not None}
