@@ -638,10 +638,15 @@ class _Frozen(_Tracing):
 
 # ---- the public object -------------------------------------------------------------------
 
-def refuse_compiled(model: nn.Module) -> None:
+def is_compiled(model: nn.Module) -> bool:
+    """Whether the model holds a torch.compile'd module (whose operations no mode can see)."""
     compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
     compiled = getattr(compiled, "OptimizedModule", None)
-    if compiled is not None and any(isinstance(m, compiled) for m in model.modules()):
+    return compiled is not None and any(isinstance(m, compiled) for m in model.modules())
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    if is_compiled(model):
         raise UnsupportedModule(
             f"{type(model).__name__} holds a torch.compile'd module, whose operations the passes cannot see; "
             f"pass the module itself (torch.compile has no double backward today)"

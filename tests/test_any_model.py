@@ -227,14 +227,13 @@ def test_dropout2d_model_in_eval_then_train_mode(p):
         assert relative_error(got, want) <= TOLERANCE
 
 
-def test_compiled_model_is_refused(monkeypatch):
+def test_compiled_model_is_refused():
     """torch.compile's wrapper hides the operations: one clear error, before anything is compiled."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # were it called, it would run eagerly
     model, x, y = zoo.build("lenet")
-    with pytest.raises(UnsupportedModule, match="torch.compile"):
-        methods.get("loss-ibp").backward(torch.compile(model), x, y)
+    with torch._dynamo.config.patch(disable=True), pytest.raises(UnsupportedModule, match="torch.compile"):
+        methods.get("loss-ibp").backward(torch.compile(model), x, y)  # were it called, it would run eagerly
 
 
 # ---- the reference itself ----
@@ -432,3 +431,17 @@ def test_reference_in_place_statements(definition):
     compute = INTERPRETER_DEFINITIONS[definition]
     results = [compute(Reference(network, x, y), x) for network in (in_place, out_of_place)]
     assert relative_error(*results) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["standard", "adversarial", "adversarial-backprop", "weight-decay", "spectral-bound"])
+def test_methods_that_never_look_inside_run_on_a_compiled_model(name):
+    """As the README says: these run a torch.compile'd model (here with compilation disabled, so the
+    wrapper runs the module eagerly) and give the module's own gradient."""
+    import torch._dynamo
+
+    model, x, y = zoo.build("lenet")
+    compiled = torch.compile(copy.deepcopy(model))
+    with torch._dynamo.config.patch(disable=True):
+        got, _ = method_grads(compiled, methods.get(name), x, y, seed=SEED)
+    want, _ = method_grads(model, methods.get(name), x, y, seed=SEED)
+    assert relative_error(got, want) <= 1e-12
