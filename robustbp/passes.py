@@ -25,7 +25,7 @@ is opaque to the mode), an output that does not depend on the input through oper
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +35,6 @@ from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import get_gradient_edge
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .operations import RULE_OF, VALUE_FUNCTIONS, Rule, function_name, is_in_place, is_observing, is_random
 from .validation import check_logits
@@ -87,6 +86,21 @@ def _argument(args, kwargs, index: int, name: str, default=None):
     if name in kwargs:
         return kwargs[name]
     return args[index] if len(args) > index else default
+
+
+def _leaves(out) -> list:
+    """The leaves of an operation's output: itself, or the items of (nested) tuples and lists."""
+    if isinstance(out, (tuple, list)):
+        return [leaf for item in out for leaf in _leaves(item)]
+    return [out]
+
+
+def _rebuild(out, leaves: Iterator):
+    """`out`'s structure with its leaves taken in order from `leaves`."""
+    if isinstance(out, (tuple, list)):
+        items = [_rebuild(item, leaves) for item in out]
+        return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)  # a namedtuple takes fields
+    return next(leaves)
 
 
 def _channel_view(t: Tensor, like: Tensor) -> Tensor:
@@ -235,7 +249,7 @@ def _batch_stays_leading(func, args, kwargs, out, batch: int) -> bool:
         dims = _argument(args, kwargs, 1, "dim", None)
         if dims is None or 0 in (dims if isinstance(dims, (list, tuple)) else (dims,)):
             return False
-    outputs = [out] if isinstance(out, Tensor) else [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+    outputs = [t for t in _leaves(out) if isinstance(t, Tensor)]
     return all(t.dim() > 0 and t.shape[0] == batch for t in outputs)
 
 
@@ -291,8 +305,8 @@ class _Recording(_Tracing):
         kind = rule.kind if rule is not None and _fits(rule, func, args, kwargs, slots) else "general"
         step = Step(func, kind, rule, args, kwargs, positions)
         out = getattr(self, "_record_" + kind.replace("-", "_"))(step, slots)
-        if kind == "general" and not any(isinstance(t, Tensor) and t.is_floating_point() for t in tree_flatten(out)[0]):
-            step.kind = "value" if any(isinstance(t, Tensor) for t in tree_flatten(out)[0]) or func in VALUE_FUNCTIONS \
+        if kind == "general" and not any(isinstance(t, Tensor) and t.is_floating_point() for t in _leaves(out)):
+            step.kind = "value" if any(isinstance(t, Tensor) for t in _leaves(out)) or func in VALUE_FUNCTIONS \
                 else "metadata"
             step.data = out
             if step.kind == "value":
@@ -585,9 +599,10 @@ class _Replaying(_Tracing):
 
         def call(*activations):
             call_args, call_kwargs = _substitute(step.args, step.kwargs, dict(zip(positions, activations)))
-            leaves, spec = tree_flatten(func(*call_args, **call_kwargs))
+            out = func(*call_args, **call_kwargs)
+            leaves = _leaves(out)
             floating = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
-            template.update(leaves=leaves, spec=spec, floating=floating)
+            template.update(out=out, leaves=leaves, floating=floating)
             return tuple(leaves[i] for i in floating)
 
         try:
@@ -601,7 +616,7 @@ class _Replaying(_Tracing):
         leaves = [leaf.detach() if isinstance(leaf, Tensor) else leaf for leaf in template["leaves"]]
         for i, tangent in zip(template["floating"], out_tangents):
             leaves[i] = tangent
-        return tree_unflatten(leaves, template["spec"])
+        return _rebuild(template["out"], iter(leaves))
 
 
 class _Frozen(_Tracing):
