@@ -355,7 +355,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
             child.add_argument("--ray-address", default=None, metavar="ADDRESS",
                                help="an existing Ray cluster (default: start a local instance)")
             child.add_argument("--runs-dir", default=str(DEFAULT_RUNS), metavar="DIR",
-                               help="where local runs keep checkpoints, so a killed run resumes; default runs/studies")
+                               help="where runs keep checkpoints, so a killed run resumes (on a Ray cluster: a "
+                                    "folder every node sees); default runs/studies")
         if action == "report":
             child.add_argument("--out", default=None, metavar="DIR",
                                help="folder for report.md and its figures; default docs/results/NAME-BUDGET")

@@ -117,7 +117,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _planned_keys(study, budget):
     """Every selection key, and one final key per method and seed."""
-    finals = {f"{budget}/final/{entry.label}/seed={seed}" for entry in study.methods for seed in study.budgets[budget].seeds}
+    finals = {f"{budget}/final/{entry.label}/seed={seed}" for entry in study.entries(budget)
+              for seed in study.budgets[budget].seeds}
     return {run.key for run in runner.selection_runs(study, budget)} | finals
 
 
@@ -127,7 +128,8 @@ def test_every_study_runs_at_smoke(name, tmp_path, capsys):
     counts = runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None,
                               runs_dir=tmp_path / "runs")
     progress = capsys.readouterr().err  # a line per epoch of every run: study, phase, method, seed, epoch
-    assert f"{name} [smoke] final {study.baseline} seed {study.budgets['smoke'].seeds[-1]}: epoch 1/" in progress
+    first = study.entries("smoke")[0].label
+    assert f"{name} [smoke] final {first} seed {study.budgets['smoke'].seeds[-1]}: epoch 1/" in progress
     runs = ResultStore(tmp_path / "s.sqlite").runs(name)
     assert counts["failed"] == 0, [run["error"] for run in runs if run["error"]]
     assert {run["key"] for run in runs} == _planned_keys(study, "smoke")
@@ -138,8 +140,11 @@ def test_every_study_runs_at_smoke(name, tmp_path, capsys):
     from robustbp.studies.report import write_report
 
     text = write_report(study, "smoke", runs, tmp_path / "report").read_text()
-    assert all(f"| {entry.label}" in text for entry in study.methods)
+    assert all(f"| {entry.label}" in text for entry in study.entries("smoke"))
     assert all(deviation in text for deviation in study.deviations)
+    assert (tmp_path / "report" / "seconds.png").is_file()
+    if name == "dataset-size":  # two sizes at smoke: the error-against-size figure
+        assert (tmp_path / "report" / "dataset_size.png").is_file()
 
 
 def test_model_selection_takes_the_lowest_validation_score():
@@ -294,3 +299,113 @@ def test_a_run_killed_midway_resumes_from_its_own_checkpoint(tmp_path):
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
         assert mine["test_error"] == pytest.approx(theirs["test_error"])
     assert resumed["history"][0]["seconds"] == partial.history[0]["seconds"]  # epoch 1 read back, not retrained
+
+
+def _selection_records(runs, score_of):
+    return [{"key": run.key, "status": "finished", "history": [{"val_loss": score_of(run)}]} for run in runs]
+
+
+def test_selection_over_several_seeds_takes_the_mean_score(tmp_path):
+    """selection_seeds = 3: every grid point is trained with the first three seeds (keys end in
+    the seed) and the point with the lowest MEAN score is chosen, not the best single run."""
+    text = (ROOT / "studies" / "spectral.toml").read_text().replace(
+        "[budgets.smoke]\n", "[budgets.smoke]\nselection_seeds = 2\n", 1)
+    path = tmp_path / "spectral.toml"
+    path.write_text(text)
+    study = definition.load(path)
+    mine = [run for run in runner.selection_runs(study, "smoke") if run.label == "frobenius"]
+    assert [(run.params["beta"], run.seed) for run in mine] == [(1e-3, 0), (1e-3, 1), (1e-1, 0), (1e-1, 1)]
+    assert mine[0].key == "smoke/select/frobenius/beta=0.001/seed=0"
+    scores = {(1e-3, 0): 1.0, (1e-3, 1): 9.0, (1e-1, 0): 4.0, (1e-1, 1): 4.0}  # means 5 and 4
+    all_runs = runner.selection_runs(study, "smoke")
+    chosen = runner.chosen_params(study, "smoke", _selection_records(
+        all_runs, lambda run: scores.get((run.params["beta"], run.seed), 1.0)))
+    assert chosen["frobenius"]["params"]["beta"] == 1e-1 and chosen["frobenius"]["score"] == 4.0
+    assert sorted(score for _, score in chosen["frobenius"]["candidates"]) == [4.0, 5.0]
+    bad = tmp_path / "bad" / "spectral.toml"
+    bad.parent.mkdir()
+    bad.write_text(text.replace("selection_seeds = 2", "selection_seeds = 3"))
+    with pytest.raises(ValueError, match="selection_seeds must be an integer from 1 to the number of seeds \\(2\\)"):
+        definition.load(bad)
+
+
+def test_the_spectral_paper_budget_grids_lr_batch_and_strength_over_five_seeds():
+    study = definition.load("spectral")
+    runs = runner.selection_runs(study, "paper")
+    spectral = [run for run in runs if run.label == "spectral"]
+    assert len(spectral) == 2 * 2 * 4 * 5 and len(runs) == (4 + 4 * 16) * 5
+    assert {(run.train["lr"], run.train["batch_size"]) for run in spectral} == {
+        (0.01, 16), (0.01, 32), (0.001, 16), (0.001, 32)}
+    assert all(run.train["method_params"]["n_iter"] == 1 for run in spectral)
+
+
+def test_a_budget_runs_its_own_entries_with_their_own_settings():
+    """A budget's `methods` picks the entries it runs; the training settings stack up as study,
+    entry, budget, then the budget's own for the entry; an entry has its own baseline."""
+    study = definition.load("adversarial-backprop")
+    assert [entry.label for entry in study.entries("cpu")] == ["bp-2x800-relu", "advbp-2x800-relu"]
+    assert len(study.entries("paper")) == 18
+    settings = study.train_settings("advbp-2x400-logistic", "paper")
+    assert (settings["model"], settings["activation"], settings["lr"], settings["batch_size"]) == (
+        "mlp-2x400", "logistic", 0.5, 10)
+    assert study.baseline_of("advbp-2x400-logistic") == "bp-2x400-logistic"
+    finals = runner.final_runs(study, "cpu", {label: {"params": study.method(label).params}
+                                              for label in ("bp-2x800-relu", "advbp-2x800-relu")})
+    assert {run.label for run in finals} == {"bp-2x800-relu", "advbp-2x800-relu"} and len(finals) == 10
+    sizes = definition.load("dataset-size")
+    assert sizes.train_settings("loss-ibp-5000", "smoke")["train_size"] == 160  # the budget's own, per entry
+    assert sizes.train_settings("loss-ibp-5000", "paper")["train_size"] == 5000  # the entry's
+    assert sizes.train_settings("loss-ibp-aug-5000", "paper")["augment"] is True
+
+
+def test_bad_budget_fields_get_one_error_naming_them(tmp_path):
+    text = (ROOT / "studies" / "adversarial-backprop.toml").read_text()
+    cases = [
+        ('methods = ["bp-2x800-relu", "advbp-2x800-relu"]', 'methods = ["advbp-2x800-relu"]',
+         "budget cpu: runs 'advbp-2x800-relu' but not its baseline 'bp-2x800-relu'"),
+        ('methods = ["bp-2x800-relu", "advbp-2x800-relu"]', 'methods = ["bp-2x800-relu", "nobody"]',
+         r"budget cpu: methods names unknown labels \['nobody'\]"),
+        ('baseline = "bp-2x400-tanh"\ntrain', 'baseline = "nobody"\ntrain',
+         "method 'advbp-2x400-tanh': baseline 'nobody' is not one of the labels"),
+        ("[budgets.cpu]\n", "[budgets.cpu]\nepochs = 3\n", r"budget cpu: unknown fields \['epochs'\]"),
+    ]
+    for old, new, message in cases:
+        assert old in text, old
+        path = tmp_path / "adversarial-backprop.toml"
+        path.write_text(text.replace(old, new, 1))
+        with pytest.raises(ValueError, match=message):
+            definition.load(path)
+
+
+def test_the_time_left_covers_the_whole_study(monkeypatch):
+    """Before the final phase, the estimate counts the final runs too (one per entry and seed, at
+    the entry's settings), each run's cost in epochs × training images."""
+    study = definition.load("ibp-vs-exact")
+    now = [0.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: now[0])
+    clock = runner.StudyClock(study, "smoke", train_size=1000)
+    selection = runner.selection_runs(study, "smoke")
+    clock.start_phase("select", selection)
+    settings = study.train_settings(selection[0].label, "smoke")
+    unit = settings["epochs"] * settings["train_size"] / 1000  # one final run's cost
+    select_unit = unit * (settings["train_size"] - study.budgets["smoke"].val_size) / settings["train_size"]
+    now[0] = 10.0
+    clock.finished(selection[0])
+    rate = 10.0 / select_unit
+    n_finals = len(study.entries("smoke")) * len(study.budgets["smoke"].seeds)
+    expected = (len(selection) - 1) * select_unit * rate + n_finals * unit * rate * runner.StudyClock.EVALUATION
+    assert clock.left() == pytest.approx(expected)
+    assert clock.elapsed() == 10.0
+
+
+def test_the_study_files_ship_inside_the_package(tmp_path):
+    """A wheel (not an editable install) holds every study file, where `definition` looks."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    import zipfile
+
+    (wheel,) = tmp_path.glob("robustbp-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"robustbp/studies/definitions/{name}.toml" for name in definition.available()} <= names
+    assert definition.STUDIES_DIR == ROOT / "robustbp" / "studies" / "definitions"
+    assert (ROOT / "studies").resolve() == definition.STUDIES_DIR

@@ -144,7 +144,7 @@ def test_report_numbers_are_the_hand_computed_ones(study, stand_in_runner):
     assert "No correction for multiple comparisons is applied" in markdown
 
     # the sentences: test error decided, noise not significant
-    assert (f"{IBP} is lower than {BASE} in test error % by 10.00 points (10.00 ± 1.58 against 20.00 ± 1.58, "
+    assert (f"{IBP} is lower than {BASE} in test error % by 10.00 points (50.0% relative) (10.00 ± 1.58 against 20.00 ± 1.58, "
             f"n = 5 against 5, p = 0.007937): significant.") in markdown
     noise = next(line for line in markdown.splitlines() if "in noise error %" in line)
     assert noise.startswith(f"- {IBP} is level with {BASE} in noise error % (σ=0.3) "
@@ -181,7 +181,7 @@ def test_fewer_than_four_seeds_cannot_be_decided(study):
              for seed, e in zip([0, 1], [10.0, 12.0])]
     markdown = report_markdown(study, "smoke", runs, chosen={})
     assert row_of(markdown, IBP)[2] == mean_sd([10.0, 12.0]) == "11.00 ± 1.41"
-    assert (f"{IBP} is lower than {BASE} in test error % by 19.50 points (11.00 ± 1.41 against 30.50 ± 0.71, "
+    assert (f"{IBP} is lower than {BASE} in test error % by 19.50 points (63.9% relative) (11.00 ± 1.41 against 30.50 ± 0.71, "
             f"n = 2 against 2, p = {2 / comb(4, 2):.4g}): undecidable (n < 4) — cannot be decided at this budget."
             in markdown)
     assert "Test error from the last epoch's history (no clean suite result) for" in markdown
@@ -226,7 +226,7 @@ def test_write_report_writes_markdown_and_the_figures_with_data(study, tmp_path,
     path = write_report(study, "cpu", cpu_runs(), out)
     assert path == out / "report.md" and path.read_text().startswith(f"# {study.title}")
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["fgsm.png", "loss.png", "noise.png", "report.md", "test_error.png"]  # no pgd/linbp data
+    assert written == ["fgsm.png", "loss.png", "noise.png", "report.md", "seconds.png", "test_error.png"]  # no pgd/linbp data
     for name in set(written) - {"report.md"}:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in path.read_text()
@@ -280,3 +280,29 @@ def test_attack_headlines_and_figures(study, tmp_path):
     assert {"pgd.png", "linbp.png", "test_error.png", "loss.png", "boundary.png", "spectral.png"} <= {
         p.name for p in tmp_path.iterdir()}
     assert "noise.png" not in {p.name for p in tmp_path.iterdir()}
+
+
+def test_each_entry_is_tested_against_its_own_baseline_and_the_size_figure(tmp_path):
+    """dataset-size: loss IBP at each size against standard BP at that size (rank-sum p, relative
+    improvement), and the error-against-size figure from the runs' training sizes."""
+    study = definition.load("dataset-size")
+    errors = {"standard-1000": [20, 21, 22, 23, 24], "loss-ibp-1000": [10, 11, 12, 13, 14],
+              "standard-5000": [10, 11, 12, 13, 14], "loss-ibp-5000": [9.5, 10.5, 11.5, 12.5, 13.5]}
+    runs = []
+    for label, values in errors.items():
+        for seed, error in enumerate(values):
+            run = final_run("smoke", label, seed, accuracy=1 - error / 100, seconds=1.0)
+            run["study"] = "dataset-size"
+            run["config"]["train"] = {"train_size": int(label.rsplit("-", 1)[1])}
+            runs.append(run)
+    chosen = {label: {"params": {"p": 1, "beta": 0.03}, "by": "val_error", "score": 1.0, "candidates": []}
+              for label in errors}
+    markdown = write_report(study, "smoke", runs, tmp_path, chosen=chosen).read_text()
+    p_separated = 2 / comb(10, 5)
+    assert row_of(markdown, "loss-ibp-1000")[0] == "loss-ibp-1000 (vs standard-1000)"
+    assert row_of(markdown, "loss-ibp-1000")[-2:] == [f"{p_separated:.4g}", "★"]
+    assert ("loss-ibp-1000 is lower than standard-1000 in test error % by 10.00 points (45.5% relative)"
+            in markdown)  # (22 - 12) / 22
+    assert "loss-ibp-5000 is lower than standard-5000 in test error % by 0.50 points (4.2% relative)" in markdown
+    assert "standard-5000 is" not in markdown  # a baseline of its own size: tested against nothing
+    assert (tmp_path / "dataset_size.png").is_file() and "dataset_size.png" in markdown

@@ -9,14 +9,20 @@ before anything runs (one ValueError naming the file and the field).
     deviations, claims             the study's deviations from the paper, and the paper's claims in words
     [[methods]]                    label, method, params (fixed), grid (values chosen on validation:
                                    method parameters or training settings such as lr), train (this
-                                   entry's own training settings: dropout, model, activation, ...)
-    [budgets.smoke|cpu|paper]      train (overrides the study's and each entry's), seeds, val_size, test_size, suites, settings
-                                   (suite budgets, as `robustbp evaluate --set`), grid (per label,
-                                   replacing the method's grid), deviations (this budget's own)
+                                   entry's own training settings: dropout, model, activation, ...),
+                                   baseline (the label it is tested against; default the study's),
+                                   series (the curve it belongs to in the error-against-size figure)
+    [budgets.smoke|cpu|paper]      train (overrides the study's and each entry's), entry_train (per
+                                   label, overrides the budget's train), methods (the labels this
+                                   budget runs; default all), seeds, selection_seeds (how many of
+                                   the seeds score each grid point; default 1), val_size, test_size,
+                                   suites, settings (suite budgets, as `robustbp evaluate --set`),
+                                   grid (per label, replacing the method's grid), deviations
     [paper]                        the paper's figures to print beside ours: label -> {column: text}
 
-Model selection, as the papers did it: every grid value is trained once (the budget's first seed)
-on the training set less a validation split (`val_size`) and scored by `select_by`; the chosen
+Model selection, as the papers did it: every grid value is trained once (the budget's first seed;
+`selection_seeds` = k: the first k seeds, scored by their mean) on the training set less a
+validation split (`val_size`) and scored by `select_by`; the chosen
 values are then trained with every seed on the full training set, and the model after the last
 epoch is evaluated on `test_size` test images with the budget's suites.
 """
@@ -30,7 +36,7 @@ from typing import Any
 
 BUDGETS = ("smoke", "cpu", "paper")
 SELECT_BY = ("val_error", "val_loss")
-STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+STUDIES_DIR = Path(__file__).resolve().parent / "definitions"  # the repository's `studies/` links here
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,8 @@ class MethodEntry:
     params: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
+    series: str | None = None
 
     def grid_points(self, grid: dict[str, list] | None = None) -> list[dict[str, Any]]:
         """Every combination of the grid's values (one empty combination without a grid)."""
@@ -56,7 +64,10 @@ class MethodEntry:
 class Budget:
     name: str
     train: dict[str, Any]
+    entry_train: dict[str, dict[str, Any]]
+    methods: list[str]
     seeds: list[int]
+    selection_seeds: int
     val_size: float
     test_size: int | None
     suites: list[str]
@@ -84,6 +95,20 @@ class Study:
 
     def method(self, label: str) -> MethodEntry:
         return next(entry for entry in self.methods if entry.label == label)
+
+    def entries(self, budget: str) -> list[MethodEntry]:
+        """The method entries this budget runs, in the study's order."""
+        return [entry for entry in self.methods if entry.label in self.budgets[budget].methods]
+
+    def baseline_of(self, label: str) -> str:
+        """The label `label` is tested against: its entry's own baseline, else the study's."""
+        return self.method(label).baseline or self.baseline
+
+    def train_settings(self, label: str, budget: str) -> dict[str, Any]:
+        """TrainConfig settings of an entry at a budget, before any grid point: the study's, the
+        entry's, the budget's, then the budget's own for this entry."""
+        return {"dataset": self.dataset, "model": self.model, **self.train, **self.method(label).train,
+                **self.budgets[budget].train, **self.budgets[budget].entry_train.get(label, {})}
 
     def grid(self, label: str, budget: str) -> dict[str, list]:
         """The grid of one method at one budget (the budget's replacement, else the method's own)."""
@@ -157,16 +182,16 @@ def _study(raw: dict, path: Path) -> Study:
     entries = []
     for item in raw["methods"]:
         entry = MethodEntry(item["label"], item["method"], dict(item.get("params", {})), dict(item.get("grid", {})),
-                            dict(item.get("train", {})))
-        unknown_keys = set(item) - {"label", "method", "params", "grid", "train"}
+                            dict(item.get("train", {})), item.get("baseline"), item.get("series"))
+        unknown_keys = set(item) - {"label", "method", "params", "grid", "train", "baseline", "series"}
         if unknown_keys:
             fail(f"method {item.get('label')!r}: unknown fields {sorted(unknown_keys)}")
         for point in entry.grid_points() or [{}]:
             method_point, train_point = split_point(point)
             try:
                 methods.get(entry.method, **entry.params, **method_point)
-                TrainConfig(dataset=raw["dataset"], model=raw["model"],
-                            **{**raw.get("train", {}), **entry.train, **train_point})
+                TrainConfig(**{"dataset": raw["dataset"], "model": raw["model"], **raw.get("train", {}),
+                               **entry.train, **train_point})
             except (ValueError, TypeError) as error:
                 fail(f"method {entry.label!r}: {error}")
         entries.append(entry)
@@ -175,23 +200,47 @@ def _study(raw: dict, path: Path) -> Study:
         fail(f"method labels must be unique, got {labels}")
     if raw["baseline"] not in labels:
         fail(f"baseline {raw['baseline']!r} is not one of the methods' labels {labels}")
+    for entry in entries:
+        if entry.baseline is not None and entry.baseline not in labels:
+            fail(f"method {entry.label!r}: baseline {entry.baseline!r} is not one of the labels {labels}")
     budgets = {}
     for name, item in raw["budgets"].items():
         if name not in BUDGETS:
             fail(f"unknown budget {name!r}; budgets are {BUDGETS}")
-        budget = Budget(name, dict(item.get("train", {})), list(item["seeds"]), item.get("val_size", 0.1),
-                        item.get("test_size"), list(item.get("suites", ["clean"])), dict(item.get("settings", {})),
+        unknown_keys = set(item) - {"train", "entry_train", "methods", "seeds", "selection_seeds", "val_size",
+                                    "test_size", "suites", "settings", "grid", "deviations"}
+        if unknown_keys:
+            fail(f"budget {name}: unknown fields {sorted(unknown_keys)}")
+        budget = Budget(name, dict(item.get("train", {})),
+                        {label: dict(train) for label, train in item.get("entry_train", {}).items()},
+                        list(item.get("methods", labels)), list(item["seeds"]), item.get("selection_seeds", 1),
+                        item.get("val_size", 0.1), item.get("test_size"), list(item.get("suites", ["clean"])),
+                        dict(item.get("settings", {})),
                         {label: dict(grid) for label, grid in item.get("grid", {}).items()},
                         list(item.get("deviations", [])))
         if not budget.seeds or len(set(budget.seeds)) != len(budget.seeds):
             fail(f"budget {name}: seeds must be distinct, got {budget.seeds}")
+        if not isinstance(budget.selection_seeds, int) or not 1 <= budget.selection_seeds <= len(budget.seeds):
+            fail(f"budget {name}: selection_seeds must be an integer from 1 to the number of seeds "
+                 f"({len(budget.seeds)}), got {budget.selection_seeds!r}")
+        for field_name, named in (("entry_train", budget.entry_train), ("methods", budget.methods)):
+            if set(named) - set(labels):
+                fail(f"budget {name}: {field_name} names unknown labels {sorted(set(named) - set(labels))}")
+        if not budget.methods:
+            fail(f"budget {name}: methods is empty")
+        for label in budget.methods:
+            baseline = next(entry for entry in entries if entry.label == label).baseline or raw["baseline"]
+            if baseline not in budget.methods:
+                fail(f"budget {name}: runs {label!r} but not its baseline {baseline!r}")
         if set(budget.suites) - set(SUITES):
             fail(f"budget {name}: unknown suites {sorted(set(budget.suites) - set(SUITES))}; available: {SUITES}")
         if set(budget.grid) - set(labels):
             fail(f"budget {name}: grids for unknown labels {sorted(set(budget.grid) - set(labels))}")
         try:
             suite_settings(budget)
-            TrainConfig(dataset=raw["dataset"], model=raw["model"], **{**raw.get("train", {}), **budget.train})
+            for entry in entries:
+                TrainConfig(**{"dataset": raw["dataset"], "model": raw["model"], **raw.get("train", {}),
+                               **entry.train, **budget.train, **budget.entry_train.get(entry.label, {})})
         except (ValueError, TypeError) as error:
             fail(f"budget {name}: {error}")
         budgets[name] = budget

@@ -80,9 +80,9 @@ def _label(run: dict) -> str | None:
     return parts[2] if len(parts) > 2 else None
 
 
-def _final_runs(study: Study, runs: Sequence[dict]) -> dict[str, list[dict]]:
-    """Finished final runs by label (study order), each label's runs sorted by seed."""
-    by_label: dict[str, list[dict]] = {entry.label: [] for entry in study.methods}
+def _final_runs(study: Study, budget: str, runs: Sequence[dict]) -> dict[str, list[dict]]:
+    """Finished final runs by label (the budget's entries, study order), each label's runs sorted by seed."""
+    by_label: dict[str, list[dict]] = {entry.label: [] for entry in study.entries(budget)}
     for run in runs:
         if run.get("status") == "finished" and _phase(run) == "final" and _label(run) in by_label:
             by_label[_label(run)].append(run)
@@ -91,9 +91,16 @@ def _final_runs(study: Study, runs: Sequence[dict]) -> dict[str, list[dict]]:
     return by_label
 
 
-def _ordered_labels(study: Study) -> list[str]:
-    """The baseline first, then the other methods in the study's order."""
-    return [study.baseline] + [entry.label for entry in study.methods if entry.label != study.baseline]
+def _ordered_labels(study: Study, budget: str) -> list[str]:
+    """The study's baseline first (where the budget runs it), then the budget's other entries in the study's order."""
+    labels = [entry.label for entry in study.entries(budget)]
+    return sorted(labels, key=lambda label: label != study.baseline)
+
+
+def _compared(study: Study, budget: str) -> list[tuple[str, str]]:
+    """(label, its baseline) for every entry tested against another one."""
+    return [(label, study.baseline_of(label)) for label in _ordered_labels(study, budget)
+            if study.baseline_of(label) != label]
 
 
 def _suites(run: dict) -> dict:
@@ -278,7 +285,7 @@ def _header(study: Study, budget: str, runs: list[dict], finals: dict[str, list[
              f"- budget: **{budget}** — seeds {b.seeds}, validation split {b.val_size}, "
              f"test images {b.test_size if b.test_size is not None else 'all'}, suites {', '.join(b.suites)}",
              f"- dataset `{study.dataset}`, model `{study.model}`, baseline **{study.baseline}**, "
-             f"model selection by `{study.select_by}`", "",
+             f"model selection by `{study.select_by}` ({_selection_seeds(b)})", "",
              "## Deviations from the paper", ""]
     deviations = [f"{text} (study)" for text in study.deviations] + [f"{text} ({budget} budget)"
                                                                      for text in b.deviations]
@@ -287,7 +294,7 @@ def _header(study: Study, budget: str, runs: list[dict], finals: dict[str, list[
     n_final = sum(1 for run in finished if _phase(run) == "final")
     lines += ["", "## Runs", "",
               f"- {len(finished)} finished ({n_select} model selection, {n_final} final), {len(failed)} failed"]
-    missing = [f"{label} seed={seed}" for label in _ordered_labels(study)
+    missing = [f"{label} seed={seed}" for label in _ordered_labels(study, budget)
                for seed in b.seeds if seed not in {run.get("seed") for run in finals.get(label, [])}]
     if missing:
         lines.append(f"- final runs not finished ({len(missing)}): {', '.join(missing)}")
@@ -301,6 +308,12 @@ def _header(study: Study, budget: str, runs: list[dict], finals: dict[str, list[
     return lines
 
 
+def _selection_seeds(budget) -> str:
+    k = budget.selection_seeds
+    return "one run per grid value, the budget's first seed" if k == 1 else \
+        f"the mean over the budget's first {k} seeds per grid value"
+
+
 def _selection(study: Study, budget: str, runs: list[dict], finals: dict[str, list[dict]],
                chosen: dict[str, dict] | None) -> list[str]:
     lines = ["", "## Chosen hyperparameters", ""]
@@ -309,7 +322,7 @@ def _selection(study: Study, budget: str, runs: list[dict], finals: dict[str, li
 
         chosen = chosen_params(study, budget, runs)
     rows, details = [], []
-    for label in _ordered_labels(study):
+    for label in _ordered_labels(study, budget):
         entry = study.method(label)
         grid = study.grid(label, budget)
         choice = chosen.get(label)
@@ -333,7 +346,7 @@ def _selection(study: Study, budget: str, runs: list[dict], finals: dict[str, li
         details.append(f"- {label} (by {choice.get('by', '–')}): " + "; ".join(candidates))
     lines += _table(["method", "name", "fixed", "chosen", "by", "score", "final runs used"], rows)
     if details:
-        lines += ["", "Candidates (one run each, the budget's first seed, validation split):", "", *details]
+        lines += ["", f"Candidates ({_selection_seeds(study.budgets[budget])}, validation split):", "", *details]
     return lines
 
 
@@ -351,6 +364,8 @@ def _sentence(metric: Metric, label: str, baseline: str) -> str | None:
     else:
         direction = "lower" if difference < 0 else "higher"
         compared = f"is {direction} than {baseline} in {metric.name} by {abs(difference):.{digits}f}{unit}"
+        if metric.name == TEST_ERROR and base_mean > 0:
+            compared += f" ({100 * abs(difference) / base_mean:.1f}% relative)"
     text = (f"{label} {compared} ({_mean_sd(ours, digits)} against {_mean_sd(theirs, digits)}, "
             f"n = {n} against {base_n}, p = {_p(test.p_value)}): ")
     spread = max((s for s in (sd, base_sd) if not math.isnan(s)), default=math.nan)
@@ -364,16 +379,18 @@ def _sentence(metric: Metric, label: str, baseline: str) -> str | None:
     return text + "significant."
 
 
-def _main_table(study: Study, metrics: list[Metric], sources: dict[str, str]) -> list[str]:
+def _main_table(study: Study, budget: str, metrics: list[Metric], sources: dict[str, str]) -> list[str]:
     test, *suite_metrics, seconds = metrics
-    baseline = study.baseline
-    base_seconds = seconds.values.get(baseline, [])
+    own_baselines = any(study.baseline_of(label) != study.baseline for label in _ordered_labels(study, budget))
     headers = ["method", "seeds", TEST_ERROR, *(m.name for m in suite_metrics), SECONDS, "× baseline",
                "p (test error)", ""]
     rows = []
-    for label in _ordered_labels(study):
+    for label in _ordered_labels(study, budget):
+        baseline = study.baseline_of(label)
+        base_seconds = seconds.values.get(baseline, [])
         errors = test.values.get(label, [])
-        row = [label + (" (baseline)" if label == baseline else ""), len(errors), _mean_sd(errors)]
+        name = label + (" (baseline)" if label == baseline else f" (vs {baseline})" if own_baselines else "")
+        row = [name, len(errors), _mean_sd(errors)]
         row += [_mean_sd(m.values.get(label, []), _digits(m)) for m in suite_metrics]
         ours = seconds.values.get(label, [])
         row.append(_mean_sd(ours, 3))
@@ -415,13 +432,13 @@ def _paper_table(study: Study, metrics: list[Metric]) -> list[str]:
     return lines + _table(["method", *(f"paper: {c}" for c in columns), *(f"ours: {m.name}" for m in ours)], rows)
 
 
-def _claims(study: Study, metrics: list[Metric]) -> list[str]:
+def _claims(study: Study, budget: str, metrics: list[Metric]) -> list[str]:
     lines = ["", "## Each method against the baseline", "",
              f"A difference is decided only with at least {MIN_SEEDS} seeds on each side (with 3 against 3 the "
              "exact test cannot reach p < 0.05), p < 0.05, and a difference larger than the seeds' spread (the "
              "larger standard deviation); otherwise it cannot be decided at this budget.", ""]
-    sentences = [sentence for metric in metrics for label in _ordered_labels(study)[1:]
-                 if (sentence := _sentence(metric, label, study.baseline)) is not None]
+    sentences = [sentence for metric in metrics for label, baseline in _compared(study, budget)
+                 if (sentence := _sentence(metric, label, baseline)) is not None]
     lines += [f"- {s}" for s in sentences] or ["- no method has final runs beside the baseline's yet."]
     lines += ["", "## The paper's claims (read them against the sentences above)", ""]
     lines += [f"- {claim}" for claim in study.claims] or ["- the study states no claims."]
@@ -454,6 +471,24 @@ def _plot_curves(axis, curves, **style) -> None:
                       linestyle=style.get("linestyle", "-"), label=f"{label}{style.get('suffix', '')}")
 
 
+def _error_by_size(study: Study, budget: str, finals: dict[str, list[dict]], test: Metric
+                   ) -> dict[str, tuple[list[int], list[str]]]:
+    """series -> (training sizes, labels) for every series with final runs at two sizes or more."""
+    series: dict[str, list[tuple[int, str]]] = {}
+    for entry in study.entries(budget):
+        sizes = {((run.get("config") or {}).get("train") or {}).get("train_size") for run in finals.get(entry.label, [])}
+        if entry.series and test.values.get(entry.label) and len(sizes) == 1 and None not in sizes:
+            series.setdefault(entry.series, []).append((sizes.pop(), entry.label))
+    return {name: ([size for size, _ in sorted(points)], [label for _, label in sorted(points)])
+            for name, points in series.items() if len({size for size, _ in points}) >= 2}
+
+
+def _relative_improvement(test: Metric, label: str, baseline: str) -> float:
+    """100 (e_baseline − e) / e_baseline, on the means over seeds (the IBP paper's Fig. 2 measure)."""
+    base = summary(test.values[baseline])[0]
+    return 100 * (base - summary(test.values[label])[0]) / base
+
+
 def _figures(study: Study, budget: str, finals: dict[str, list[dict]], metrics: list[Metric], out_dir: Path
              ) -> list[tuple[str, str]]:
     """Write the figures there is data for; (file name, caption) of each."""
@@ -466,7 +501,7 @@ def _figures(study: Study, budget: str, finals: dict[str, list[dict]], metrics: 
         written.append((name, caption))
 
     test = metrics[0]
-    labels = [label for label in _ordered_labels(study) if test.values.get(label)]
+    labels = [label for label in _ordered_labels(study, budget) if test.values.get(label)]
     if labels:
         figure, (axis,) = new_figure(width_per_panel=max(4.5, 1.6 * len(labels)))
         stats = [summary(test.values[label]) for label in labels]
@@ -534,7 +569,7 @@ def _figures(study: Study, budget: str, finals: dict[str, list[dict]], metrics: 
     def boundary(label):
         return [_suites(run)["boundary"] for run in finals.get(label, []) if "boundary" in _suites(run)]
 
-    labels = [label for label in _ordered_labels(study) if boundary(label)]
+    labels = [label for label in _ordered_labels(study, budget) if boundary(label)]
     if labels:
         figure, (axis,) = new_figure(width_per_panel=max(4.5, 1.6 * len(labels)))
         for x, label in enumerate(labels):
@@ -552,12 +587,57 @@ def _figures(study: Study, budget: str, finals: dict[str, list[dict]], metrics: 
 
     curves = _curves(finals, estimate_error)
     if curves:
-        figure, (axis,) = new_figure()
+        figure, (axis, cost) = new_figure(2)
         _plot_curves(axis, curves)
         axis.set(xlabel="power iterations", ylabel="relative error %", yscale="log",
                  title="spectral-norm estimate against the exact σ_max")
         axis.legend(fontsize="small")
-        save(figure, "spectral.png", "Relative error of the power-iteration estimate against the number of iterations")
+        every_run = {"every final model": [run for runs in finals.values() for run in runs]}
+        for key, name, marker in (("forward_s", "forward", "x"), ("estimate_s", "estimate (1 iteration)", "o"),
+                                  ("bound_s", "bound", "^"), ("exact_s", "exact (full Jacobian)", "s")):
+            def seconds(run, key=key):
+                t = (_suites(run).get("spectral") or {}).get("timing")
+                return dict(zip(t["batch_size"], t[key])) if t else None
+
+            _plot_curves(cost, {name: curve for curve in _curves(every_run, seconds).values()}, marker=marker)
+        cost.set(xlabel="batch size", ylabel="seconds per batch", xscale="log", yscale="log",
+                 title="cost (mean ± sd over the final models)")
+        if cost.has_data():
+            cost.legend(fontsize="small")
+        save(figure, "spectral.png", "Relative error of the power-iteration estimate against the number of "
+                                     "iterations, and the seconds per batch of each computation")
+
+    seconds = metrics[-1]
+    labels = [label for label in _ordered_labels(study, budget) if seconds.values.get(label)]
+    if labels:
+        figure, (axis,) = new_figure(width_per_panel=max(4.5, 1.6 * len(labels)))
+        stats = [summary(seconds.values[label]) for label in labels]
+        axis.bar(range(len(labels)), [s[0] for s in stats], yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
+                 capsize=4)
+        axis.set_xticks(range(len(labels)), labels, rotation=15)
+        axis.set(ylabel="seconds per epoch", title=f"{budget} budget: training cost (mean ± sd over seeds)")
+        save(figure, "seconds.png", "Seconds per training epoch per method (mean ± sd over seeds)")
+
+    by_size = _error_by_size(study, budget, finals, test)
+    if by_size:
+        figure, (axis, gain) = new_figure(2)
+        for series, (sizes, labels) in by_size.items():
+            stats = [summary(test.values[label]) for label in labels]
+            axis.errorbar(sizes, [m for m, _, _ in stats], yerr=[0 if math.isnan(sd) else sd for _, sd, _ in stats],
+                          marker="o", capsize=3, label=series)
+            compared = [(size, label) for size, label in zip(sizes, labels) if study.baseline_of(label) != label
+                        and test.values.get(study.baseline_of(label))]
+            if compared:
+                gain.plot([size for size, _ in compared],
+                          [_relative_improvement(test, label, study.baseline_of(label)) for _, label in compared],
+                          marker="o", label=series)
+        axis.set(xlabel="training images", ylabel="test error %", xscale="log", title="test error against size")
+        gain.set(xlabel="training images", ylabel="relative improvement %", xscale="log",
+                 title="(baseline error − error) / baseline error")
+        axis.legend(fontsize="small")
+        gain.legend(fontsize="small")
+        save(figure, "dataset_size.png", "Test error and relative improvement over the baseline against the number "
+                                         "of training images (mean over seeds)")
 
     def loss(run):
         return {record["epoch"]: record["loss"] for record in run.get("history") or []
@@ -583,13 +663,13 @@ def report_markdown(study: Study, budget: str, runs: Sequence[dict], *, chosen: 
     if budget not in study.budgets:
         raise ValueError(f"study {study.name!r} has no budget {budget!r}; budgets: {', '.join(study.budgets)}")
     runs = _budget_runs(study, budget, runs)
-    finals = _final_runs(study, runs)
+    finals = _final_runs(study, budget, runs)
     metrics, sources = _metrics(study, budget, finals)
     lines = _header(study, budget, runs, finals)
     lines += _selection(study, budget, runs, finals, chosen)
-    lines += _main_table(study, metrics, sources)
+    lines += _main_table(study, budget, metrics, sources)
     lines += _paper_table(study, metrics)
-    lines += _claims(study, metrics)
+    lines += _claims(study, budget, metrics)
     if figures:
         lines += ["", "## Figures", ""]
         for name, caption in figures:
@@ -606,7 +686,7 @@ def write_report(study: Study, budget: str, runs: Sequence[dict], out_dir: str |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     budget_runs = _budget_runs(study, budget, runs)
-    finals = _final_runs(study, budget_runs)
+    finals = _final_runs(study, budget, budget_runs)
     metrics, _ = _metrics(study, budget, finals)
     figures = _figures(study, budget, finals, metrics, out_dir)
     path = out_dir / "report.md"

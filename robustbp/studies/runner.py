@@ -62,51 +62,54 @@ def _point_text(point: dict[str, Any]) -> str:
 
 
 def _train_settings(study: Study, budget: str, label: str, point: dict, seed: int, val_size) -> dict[str, Any]:
-    """TrainConfig settings of one run: study, entry, budget, then the grid point's own (a grid may
-    hold training settings such as lr beside method parameters)."""
+    """TrainConfig settings of one run: the entry's at this budget, then the grid point's own (a
+    grid may hold training settings such as lr beside method parameters)."""
     entry = study.method(label)
     method_point, train_point = split_point(point)
-    return {"dataset": study.dataset, "model": study.model, **study.train, **entry.train,
-            **study.budgets[budget].train, **train_point, "method": entry.method,
+    return {**study.train_settings(label, budget), **train_point, "method": entry.method,
             "method_params": {**entry.params, **method_point}, "seed": seed, "val_size": val_size}
 
 
 def selection_runs(study: Study, budget: str) -> list[PlannedRun]:
-    """Every grid point of every method with a grid, on the budget's first seed, with a validation split."""
-    seed, val_size = study.budgets[budget].seeds[0], study.budgets[budget].val_size
+    """Every grid point of every method with a grid, on the budget's first `selection_seeds`
+    seeds, with a validation split."""
+    b = study.budgets[budget]
+    seeds = b.seeds[: b.selection_seeds]
     runs = []
-    for entry in study.methods:
-        grid = study.grid(entry.label, budget)
-        if not grid:
-            continue
-        for point in entry.grid_points(grid):
+    for entry in study.entries(budget):
+        for point in entry.grid_points(study.grid(entry.label, budget)) if study.grid(entry.label, budget) else []:
             params = {**entry.params, **point}
-            runs.append(PlannedRun(f"{budget}/select/{entry.label}/{_point_text(point)}", budget, "select", entry.label,
-                                   entry.method, params, seed,
-                                   _train_settings(study, budget, entry.label, point, seed, val_size)))
+            for seed in seeds:
+                key = f"{budget}/select/{entry.label}/{_point_text(point)}"
+                runs.append(PlannedRun(key if len(seeds) == 1 else f"{key}/seed={seed}", budget, "select",
+                                       entry.label, entry.method, params, seed,
+                                       _train_settings(study, budget, entry.label, point, seed, b.val_size)))
     return runs
 
 
 def chosen_params(study: Study, budget: str, runs: list[dict]) -> dict[str, dict[str, Any]]:
     """label -> {"params", "by", "score", "candidates": [(params, score), ...]} from the recorded
-    selection runs (lowest `select_by` after the last epoch; failed runs never chosen). A method
-    without a grid keeps its fixed parameters (by None). A label whose selection is not complete
-    yet, or all of whose selection runs failed, is left out."""
+    selection runs (lowest `select_by` after the last epoch, the mean over the selection seeds; a
+    grid point with a failed run scores infinity and is never chosen). A method without a grid
+    keeps its fixed parameters (by None). A label whose selection is not complete yet, or all of
+    whose selection runs failed, is left out."""
     chosen: dict[str, dict[str, Any]] = {}
     recorded = {run["key"]: run for run in runs}
     planned = selection_runs(study, budget)
-    for entry in study.methods:
+    for entry in study.entries(budget):
         mine = [run for run in planned if run.label == entry.label]
         if not mine:
             chosen[entry.label] = {"params": dict(entry.params), "by": None, "score": None, "candidates": []}
             continue
         if any(run.key not in recorded for run in mine):
             continue
-        candidates = []
+        scores: dict[str, tuple[dict, list[float]]] = {}
         for run in mine:
             record = recorded[run.key]
             score = record["history"][-1].get(study.select_by) if record["status"] == "finished" else None
-            candidates.append((run.params, score if score is not None and math.isfinite(score) else math.inf))
+            score = score if score is not None and math.isfinite(score) else math.inf
+            scores.setdefault(_point_text(run.params), (run.params, []))[1].append(score)
+        candidates = [(params, statistics.fmean(values)) for params, values in scores.values()]
         params, score = min(candidates, key=lambda candidate: candidate[1])
         if math.isinf(score):  # every selection run failed: nothing to choose, no final runs
             continue
@@ -117,7 +120,7 @@ def chosen_params(study: Study, budget: str, runs: list[dict]) -> dict[str, dict
 def final_runs(study: Study, budget: str, chosen: dict[str, dict[str, Any]]) -> list[PlannedRun]:
     """The chosen values of every method with every seed, trained on the full training set."""
     runs = []
-    for entry in study.methods:
+    for entry in study.entries(budget):
         if entry.label not in chosen:
             continue
         params = chosen[entry.label]["params"]
@@ -164,6 +167,14 @@ def execute(run: PlannedRun, study: Study, data: tuple, runs_dir: Path | None = 
         return {"error": f"{type(error).__name__}: {error}"}
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. under `taskset`), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _worker_start(threads: int) -> None:
     """In each worker: its share of the cores, and death when the coordinator dies (Linux)."""
     torch.set_num_threads(threads)
@@ -190,8 +201,9 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
     skipped (already recorded) and failed. backend "local": in this process (workers=1) or in
     `workers` processes; "ray": each run a Ray task (`ray.init(ray_address)`, a local instance by
     default), `workers` at once, results written here by the coordinator alone. runs_dir: where
-    local runs keep their checkpoints (`runs_dir/STUDY/KEY/`), so that a run killed midway resumes;
-    None keeps them in memory (Ray tasks always do: a cluster's nodes need not share a disk)."""
+    runs keep their checkpoints (`runs_dir/STUDY/KEY/`), so that a run killed midway resumes (a
+    Ray task resumes where its node sees the folder: give a shared one on a cluster); None keeps
+    them in memory."""
     from robustbp import data as datasets
 
     if budget not in study.budgets:
@@ -201,12 +213,13 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     train_set, test_set = data or datasets.load(study.dataset)
+    train_size = len(train_set)
     test_size = study.budgets[budget].test_size
     if test_size is not None and test_size < len(test_set):  # the same points for each epoch's test error and the suites
         test_set = test_set.take(torch.arange(test_size), f"{test_set.name}[:{test_size}]")
     data = (train_set, test_set)
     counts = {"recorded": 0, "skipped": 0, "failed": 0}
-    started = time.perf_counter()
+    clock = StudyClock(study, budget, train_size)
     with ResultStore(store_path) as store, _ray_session(backend):
         for phase in ("select", "final"):
             recorded = {run["key"] for run in store.runs(study.name)}
@@ -214,20 +227,79 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
                 study, budget, chosen_params(study, budget, store.runs(study.name)))
             todo = [run for run in planned if run.key not in recorded]
             counts["skipped"] += len(planned) - len(todo)
+            clock.start_phase(phase, todo)
+            folder = None if runs_dir is None else Path(runs_dir).resolve()
             if backend == "ray":
-                outcomes = _execute_with_ray(todo, study, data, workers, ray_address)
+                outcomes = _execute_with_ray(todo, study, data, workers, ray_address, folder)
             else:
-                outcomes = _execute_all(todo, study, data, workers, None if runs_dir is None else Path(runs_dir))
+                outcomes = _execute_all(todo, study, data, workers, folder)
             for done, (run, outcome) in enumerate(outcomes, start=1):
                 store.record(run.key, study.name, run.record_config(), run.seed, **outcome)
                 counts["recorded"] += 1
                 counts["failed"] += "error" in outcome
-                elapsed = time.perf_counter() - started
-                left = elapsed / counts["recorded"] * (len(todo) - done)
+                clock.finished(run)
                 status = outcome.get("error") or f"test error {outcome['history'][-1]['test_error']:.2f}%"
                 report(f"{study.name} [{budget}] {phase} {done}/{len(todo)} {run.label} seed {run.seed}: {status}; "
-                       f"elapsed {elapsed:.0f} s, this phase about {left:.0f} s left")
+                       f"elapsed {clock.elapsed():.0f} s, study about {clock.left():.0f} s left")
     return counts
+
+
+def _epochs_of_training(run: PlannedRun, train_size: int) -> float:
+    """A run's cost in units of one standard epoch over the whole training set: epochs × the
+    share of the training set it sees (the validation split left out)."""
+    size = run.train.get("train_size") or train_size
+    val = run.train.get("val_size") or 0.0
+    kept = size - (val if val >= 1 else val * size)
+    return run.train.get("epochs", 1) * kept / max(train_size, 1)
+
+
+class StudyClock:
+    """Elapsed time and an estimate of the time the whole study has left. Each run's cost is
+    counted in epochs × training images; the seconds per such unit are measured on the runs
+    finished in this process, and an evaluated final run counts `EVALUATION` times more than its
+    training alone until a final run has been timed. Before the final phase its runs are known in
+    number (every entry × every seed), not yet in their chosen values, so their cost is taken at
+    the entry's settings."""
+
+    EVALUATION = 1.3
+
+    def __init__(self, study: Study, budget: str, train_size: int | None = None):
+        self.study, self.budget = study, budget
+        self.train_size = train_size or 1
+        self.started = time.perf_counter()
+        self.phase_started = self.started
+        self.units_done = {"select": 0.0, "final": 0.0}
+        self.seconds = {"select": 0.0, "final": 0.0}
+        self.units_left = {"select": 0.0, "final": 0.0}
+
+    def start_phase(self, phase: str, todo: list[PlannedRun]) -> None:
+        self.phase_started = time.perf_counter()
+        self.units_left[phase] = sum(_epochs_of_training(run, self.train_size) for run in todo)
+        if phase == "select":  # the final phase, one run per entry and seed, at the entry's settings
+            finals = [PlannedRun("", self.budget, "final", entry.label, entry.method, entry.params, seed,
+                                 {**self.study.train_settings(entry.label, self.budget), "val_size": 0.0})
+                      for entry in self.study.entries(self.budget) for seed in self.study.budgets[self.budget].seeds]
+            self.units_left["final"] = sum(_epochs_of_training(run, self.train_size) for run in finals)
+
+    def finished(self, run: PlannedRun) -> None:
+        now = time.perf_counter()
+        units = _epochs_of_training(run, self.train_size)
+        self.units_done[run.phase] += units
+        self.seconds[run.phase] += now - self.phase_started
+        self.units_left[run.phase] = max(0.0, self.units_left[run.phase] - units)
+        self.phase_started = now
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self) -> float:
+        rates = {phase: self.seconds[phase] / self.units_done[phase] for phase in self.seconds
+                 if self.units_done[phase] > 0}
+        if not rates:
+            return math.nan
+        select_rate = rates.get("select", rates.get("final", 0.0) / self.EVALUATION)
+        final_rate = rates.get("final", select_rate * self.EVALUATION)
+        return self.units_left["select"] * select_rate + self.units_left["final"] * final_rate
 
 
 def _execute_all(runs: list[PlannedRun], study: Study, data: tuple, workers: int, runs_dir: Path | None):
@@ -237,7 +309,7 @@ def _execute_all(runs: list[PlannedRun], study: Study, data: tuple, workers: int
         for run in runs:
             yield run, execute(run, study, data, runs_dir)
         return
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, available_cores() // workers)
     with ProcessPoolExecutor(workers, initializer=_worker_init, initargs=(threads, study, data, runs_dir)) as pool:
         futures = [pool.submit(_worker_execute, run) for run in runs]
         for future in as_completed(futures):
@@ -257,13 +329,16 @@ def _ray_session(backend: str):
                 ray.shutdown()
 
 
-def _ray_execute(run: PlannedRun, study: Study, data: tuple, threads: int) -> tuple[PlannedRun, dict[str, Any]]:
+def _ray_execute(run: PlannedRun, study: Study, data: tuple, threads: int, runs_dir: Path | None
+                 ) -> tuple[PlannedRun, dict[str, Any]]:
     torch.set_num_threads(threads)
-    return run, execute(run, study, data)
+    return run, execute(run, study, data, runs_dir)
 
 
-def _execute_with_ray(runs: list[PlannedRun], study: Study, data: tuple, workers: int, ray_address=None):
-    """(run, outcome) for every run as it finishes, each run a Ray task with cores / workers threads."""
+def _execute_with_ray(runs: list[PlannedRun], study: Study, data: tuple, workers: int, ray_address=None,
+                      runs_dir: Path | None = None):
+    """(run, outcome) for every run as it finishes, each run a Ray task with cores / workers
+    threads; with `runs_dir` (a folder every node sees) each task checkpoints there."""
     try:
         import ray
     except ImportError:
@@ -272,12 +347,12 @@ def _execute_with_ray(runs: list[PlannedRun], study: Study, data: tuple, workers
         raise MissingDependency("--backend ray needs Ray: pip install robustbp[ray]") from None
     if not runs:
         return
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, available_cores() // workers)
     if not ray.is_initialized():  # once per study: run_study shuts it down
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     task = ray.remote(num_cpus=threads)(_ray_execute)
     study_ref, data_ref = ray.put(study), ray.put(data)
-    pending = [task.remote(run, study_ref, data_ref, threads) for run in runs]
+    pending = [task.remote(run, study_ref, data_ref, threads, runs_dir) for run in runs]
     while pending:
         finished, pending = ray.wait(pending, num_returns=1)
         yield ray.get(finished[0])
@@ -289,7 +364,7 @@ def status(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE) ->
     recorded = {run["key"]: run for run in runs}
     planned = selection_runs(study, budget)
     chosen = chosen_params(study, budget, runs)
-    if len(chosen) == len(study.methods):
+    if len(chosen) == len(study.entries(budget)):
         planned += final_runs(study, budget, chosen)
     return {"planned": [asdict(run)["key"] for run in planned],
             "recorded": sorted(recorded), "failed": sorted(k for k, r in recorded.items() if r["status"] == "failed"),
