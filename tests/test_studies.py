@@ -409,3 +409,27 @@ def test_the_study_files_ship_inside_the_package(tmp_path):
     assert {f"robustbp/studies/definitions/{name}.toml" for name in definition.available()} <= names
     assert definition.STUDIES_DIR == ROOT / "robustbp" / "studies" / "definitions"
     assert (ROOT / "studies").resolve() == definition.STUDIES_DIR
+
+
+def test_two_studies_may_share_a_key_and_an_old_store_is_migrated(tmp_path):
+    """Keys are unique per study: spectral and leaderboard both have a run keyed
+    cpu/select/weight-decay/beta=0.0001. A store made with the old schema (key alone unique)
+    keeps its rows and takes the second study's run."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE runs (key TEXT PRIMARY KEY, study TEXT NOT NULL, status TEXT NOT NULL, "
+                           "config TEXT NOT NULL, seed INTEGER, history TEXT, results TEXT, seconds_per_epoch REAL, "
+                           "error TEXT, robustbp_version TEXT NOT NULL, torch_version TEXT NOT NULL, "
+                           "host TEXT NOT NULL, recorded_at REAL NOT NULL)")
+        connection.execute("INSERT INTO runs VALUES ('cpu/select/a', 'spectral', 'finished', '{}', 0, '[1]', "
+                           "'null', 2.5, NULL, '0.1.0', '2.13.0', 'vm', 1.0)")
+    connection.close()
+    with ResultStore(path) as store:
+        store.record("cpu/select/a", "leaderboard", {"x": 1}, 0, history=[2])
+        with pytest.raises(ValueError, match="'cpu/select/a' of 'leaderboard' is already recorded"):
+            store.record("cpu/select/a", "leaderboard", {"x": 1}, 0, history=[2])
+    (old,) = ResultStore(path).runs("spectral")
+    assert (old["history"], old["seconds_per_epoch"], old["host"]) == ([1], 2.5, "vm")
+    assert ResultStore(path).runs("leaderboard")[0]["config"] == {"x": 1}

@@ -1,7 +1,7 @@
 """The result store: one SQLite file of finished runs, written by one coordinator at a time.
 
-A run is recorded exactly once, in one transaction, under its key (study, method, its
-parameters, seed, ...: whatever the runner makes unique), so a study killed at any moment
+A run is recorded exactly once, in one transaction, under its study and key (method, its
+parameters, seed, ...: whatever the runner makes unique within the study), so a study killed at any moment
 (`kill -9` included) resumes by skipping the keys already there, without losing or repeating a
 finished run. An advisory lock on `PATH.lock` keeps a second coordinator off the same store;
 the operating system drops it when its process dies, however it dies.
@@ -24,7 +24,7 @@ import robustbp
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
-    key TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
     study TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('finished', 'failed')),
     config TEXT NOT NULL,
@@ -36,9 +36,31 @@ CREATE TABLE IF NOT EXISTS runs (
     robustbp_version TEXT NOT NULL,
     torch_version TEXT NOT NULL,
     host TEXT NOT NULL,
-    recorded_at REAL NOT NULL
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (study, key)
 )
 """
+COLUMNS = ("key, study, status, config, seed, history, results, seconds_per_epoch, error, robustbp_version, "
+           "torch_version, host, recorded_at")
+
+
+def _key_per_study(connection: sqlite3.Connection) -> None:
+    """Stores written before keys were unique per study (two studies with a run keyed
+    `cpu/select/weight-decay/beta=0.0001` collided) get the new key, rows unchanged, in one
+    transaction (the caller's connection commits it)."""
+    def old_schema() -> bool:
+        (table,) = connection.execute("SELECT sql FROM sqlite_master WHERE name = 'runs'").fetchone() or ("",)
+        return "key TEXT PRIMARY KEY" in table
+
+    if not old_schema():
+        return
+    connection.execute("BEGIN IMMEDIATE")  # one migration at a time, all of it or nothing
+    if not old_schema():
+        return
+    connection.execute("ALTER TABLE runs RENAME TO runs_old")
+    connection.execute(SCHEMA)
+    connection.execute(f"INSERT INTO runs ({COLUMNS}) SELECT {COLUMNS} FROM runs_old")
+    connection.execute("DROP TABLE runs_old")
 
 
 class StoreLocked(RuntimeError):
@@ -54,6 +76,7 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock_file = None
         with self._connection() as connection:
+            _key_per_study(connection)
             connection.execute(SCHEMA)
 
     @contextlib.contextmanager
@@ -85,8 +108,8 @@ class ResultStore:
 
     def record(self, key: str, study: str, config: dict[str, Any], seed: int | None, *, history: Any = None,
                results: Any = None, seconds_per_epoch: float | None = None, error: str | None = None) -> None:
-        """Record one run, finished (no `error`) or failed (with its error). A key is recorded once:
-        recording it again raises ValueError."""
+        """Record one run, finished (no `error`) or failed (with its error). A key is recorded once
+        per study: recording it again raises ValueError."""
         if self._lock_file is None:
             raise RuntimeError("record() needs the store's lock: use `with ResultStore(path) as store:`")
         row = (key, study, "failed" if error else "finished", json.dumps(config, sort_keys=True), seed,
@@ -94,9 +117,9 @@ class ResultStore:
                torch.__version__, platform.node() or os.uname().nodename, time.time())
         try:
             with self._connection() as connection:  # one transaction: the row is there entirely or not at all
-                connection.execute("INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                connection.execute(f"INSERT INTO runs ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
         except sqlite3.IntegrityError:
-            raise ValueError(f"run {key!r} is already recorded in {self.path}") from None
+            raise ValueError(f"run {key!r} of {study!r} is already recorded in {self.path}") from None
 
     def keys(self, study: str) -> set[str]:
         """The keys of the runs of `study` already recorded, finished or failed."""
