@@ -68,13 +68,28 @@ class Augment:
         return self.shift == 0 and self.scale == (1.0, 1.0) and self.rotation == 0 and not self.flip
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        _check_images(images)
+        return self.apply(images, self.draw(images.shape[0], generator))
+
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor | None:
+        """The random numbers of `n` images, (n, 6) uniforms on the generator's device; None (and
+        nothing drawn) for the identity. Row i is what image i of a batch of n gets, so a slice of
+        one batch's draws augments that slice as the whole batch would (several processes)."""
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"Augment: pass a seeded torch.Generator, got {type(generator).__name__}")
-        _check_images(images)
         if self.is_identity:
+            return None
+        return torch.rand(n, 6, generator=generator, device=generator.device)
+
+    def apply(self, images: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        """The images augmented with the random numbers `draws` (from `draw`, one row per image)."""
+        _check_images(images)
+        if draws is None:
             return images.clone()  # nothing to draw; also exact, unlike float32 resampling (~4e-6 off)
         n = images.shape[0]
-        u = torch.rand(n, 6, generator=generator, device=generator.device).to(images.device, torch.float32)
+        if draws.shape != (n, 6):
+            raise ValueError(f"Augment: draws must have shape ({n}, 6) for {n} images, got {tuple(draws.shape)}")
+        u = draws.to(images.device, torch.float32)
         shift = (2 * u[:, 0:2] - 1) * self.shift
         low, high = math.log(self.scale[0]), math.log(self.scale[1])
         scale = torch.exp(low + u[:, 2:4] * (high - low))
