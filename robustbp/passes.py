@@ -668,6 +668,21 @@ def refuse_compiled(model: nn.Module) -> None:
         )
 
 
+def holds_sync_batch_norm(model: nn.Module) -> bool:
+    """Whether the model holds an nn.SyncBatchNorm in train mode, which normalizes with statistics
+    gathered from every process inside a custom autograd.Function: no replay on one process can follow it."""
+    return any(isinstance(m, nn.SyncBatchNorm) and m.training for m in model.modules())
+
+
+def refuse_sync_batch_norm(model: nn.Module) -> None:
+    if holds_sync_batch_norm(model):
+        raise UnsupportedModule(
+            f"{type(model).__name__} holds an nn.SyncBatchNorm in train mode, whose statistics come from every "
+            f"process's batch, which the linearized pass cannot record; use nn.BatchNorm (under "
+            f"DistributedDataParallel each process then normalizes with its own slice of the batch)"
+        )
+
+
 def _run(model: nn.Module, x: Tensor, mode: _Tracing, what: str):
     with mode:
         out = model(x)
@@ -698,6 +713,7 @@ class Linearization:
         """Run model(x) once, keeping masks, pooling positions and statistics; with `capture_weights`,
         also each weight operation's input and output edge (in `tape.weight_calls`)."""
         refuse_compiled(model)
+        refuse_sync_batch_norm(model)
         tape = Tape(batch_size=x.shape[0])
         logits = _run(model, x, _Recording(tape, x, capture_weights), "recording")
         _refuse_custom_function(logits)
@@ -739,13 +755,26 @@ class Linearization:
 
 _checked: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
+# How far J(a+b) may be from J(a) + J(b), relative to the largest output, in each dtype the network
+# computes in: rounding, not a nonlinearity (which is off by O(1)). Under bfloat16 autocast
+# (8 bits of mantissa, rounding after each operation) the replays measure about 1e-2 apart.
+LINEARITY_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the network computes in on x: the autocast dtype when autocast is on for x's device."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
 
 def _check_linear(lin: Linearization) -> None:
     """The replay must be additive, J(a+b) = J(a) + J(b): a last guard against operations the mode
     did not see. Checked once per model, per train/eval configuration and per set of parameters."""
     model = lin.model
+    compute_dtype = _compute_dtype(lin.x)
     key = (tuple((id(m), m.training) for m in model.modules()), tuple(id(p) for p in model.parameters()),
-           lin.x.dtype, tuple(lin.x.shape[1:]))
+           lin.x.dtype, compute_dtype, tuple(lin.x.shape[1:]))
     if key in _checked.get(model, ()):
         return
     with torch.no_grad():
@@ -753,8 +782,9 @@ def _check_linear(lin: Linearization) -> None:
         a = torch.randn(lin.x.shape, generator=generator, dtype=lin.x.dtype).to(lin.x.device)
         b = torch.randn(lin.x.shape, generator=generator, dtype=lin.x.dtype).to(lin.x.device)
         together, apart = lin._replay(a + b), lin._replay(a) + lin._replay(b)
-    tolerance = 1e-3 if lin.x.dtype != torch.float64 else 1e-8
-    if not torch.allclose(together, apart, rtol=tolerance, atol=tolerance * float(apart.abs().max() + 1e-12)):
+    tolerance = LINEARITY_TOLERANCE.get(compute_dtype, LINEARITY_TOLERANCE[torch.float32])
+    if not torch.allclose(together.float(), apart.float(), rtol=tolerance,
+                          atol=tolerance * float(apart.abs().max() + 1e-12)):
         raise NotLinearizable(
             f"{type(model).__name__}.forward applies an operation the linearized pass does not see "
             f"(its replay is not linear); see `robustbp layers` for what it follows"
@@ -794,6 +824,7 @@ def weight_gradient(call: WeightCall, inputs: Tensor, output_grad: Tensor) -> Te
     dilation = _argument(step.args, step.kwargs, 5, "dilation", 1)
     groups = _argument(step.args, step.kwargs, 6, "groups", 1)
     padding = _conv_padding(step, weight)
+    inputs = inputs.to(output_grad.dtype)  # under autocast the first input is float32, the signal bfloat16
     if padding is None:
         def convolution(w):
             return step.func(inputs, w, None, stride, "same", dilation, groups)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..passes import Linearization, is_compiled
+from ..passes import Linearization, holds_sync_batch_norm, is_compiled
 from ..modes import preserved_running_statistics
 from ..validation import check_fraction, check_interval, check_nonnegative
 from .base import Method, choice, deliver, parameter, register
@@ -46,7 +46,8 @@ class Adversarial(Method):
 def adversarial_backward(method, model, x, y, params, eps, weight_of_clean, norm, clip):
     """α·L(x) + (1−α)·L(x*); BatchNorm's running statistics are updated by the clean forward only."""
     x = x.detach().requires_grad_(True)
-    if weight_of_clean > 0 and not is_compiled(model):  # g and the clean loss's θ-gradient from one backward
+    recordable = not is_compiled(model) and not holds_sync_batch_norm(model)
+    if weight_of_clean > 0 and recordable:  # g and the clean loss's θ-gradient from one backward
         lin = Linearization.record(model, x, capture_weights=True)
         clean_loss = method.main_loss(lin.logits, y)
         input_grad, clean_terms = main_loss_terms(lin, clean_loss, x, scale=weight_of_clean)

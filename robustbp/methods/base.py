@@ -22,6 +22,12 @@ from ..validation import check_batch, check_logits, check_nonnegative
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+FLOAT16_REASON = (
+    "float16 needs a gradient scaler, which multiplies the loss by a factor s before the backward pass, and the "
+    "input-gradient penalties do not scale linearly with it (‖s·g‖ₚᵖ = sᵖ·‖g‖ₚᵖ: the penalties differentiate g "
+    "itself), so unscaling by s does not give their gradients back"
+)
+
 
 def cross_entropy_per_sample(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """ℓ_i = −log softmax(z_i)[y_i], one value per sample."""
@@ -95,6 +101,9 @@ class Method:
     # The method differentiates through its own gradient: attention then runs on PyTorch's math
     # kernel, since the fused CPU kernel has no double backward.
     differentiates_twice: ClassVar[bool] = False
+    # Why the method's gradient is not sound under bfloat16 autocast; empty when it is (the
+    # gradient under autocast is checked against float32 in tests/test_amp.py).
+    bf16_refusal: ClassVar[str] = ""
 
     def __post_init__(self):
         self.loss_fn = self.loss_fn or cross_entropy_per_sample
@@ -114,6 +123,7 @@ class Method:
     def backward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         params = trainable_parameters(model)
         x, y = check_batch(x, y)
+        self.check_autocast(x.device.type)
         self._correct = None
         if self.differentiates_twice:
             with sdpa_kernel(SDPBackend.MATH):
@@ -121,6 +131,16 @@ class Method:
         else:
             main, reg = self._backward(model, x, y, params)
         return StepStats(loss=main + reg, main_loss=main, reg_loss=reg, correct=self._correct)
+
+    def check_autocast(self, device_type: str) -> None:
+        """Refuse float16 autocast, and bfloat16 autocast for a method with a `bf16_refusal`."""
+        if not torch.is_autocast_enabled(device_type):
+            return
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype == torch.float16:
+            raise ValueError(f"{self.name}: float16 autocast is not supported: {FLOAT16_REASON}; use bfloat16")
+        if dtype == torch.bfloat16 and self.bf16_refusal:
+            raise ValueError(f"{self.name} refuses bfloat16 autocast: {self.bf16_refusal}")
 
     def _backward(self, model, x, y, params) -> tuple[float, float]:
         raise NotImplementedError
@@ -170,7 +190,9 @@ def deliver(params: list, terms) -> None:
     fire once per parameter per step and DistributedDataParallel all-reduces once, as with
     `loss.backward()`. Each term is (tensor, grad): a scalar objective with grad None, or a tensor
     the forward used (a weight, possibly an expression of parameters) with a hand-formed gradient.
-    Terms of the same tensor are summed first; terms with grad None on a non-scalar are skipped."""
+    Terms of the same tensor are summed first, in the tensor's own dtype (a gradient formed under
+    autocast in bfloat16 is added to a float32 weight's in float32); terms with grad None on a
+    non-scalar are skipped."""
     totals: dict[int, list] = {}
     for tensor, grad in terms:
         if grad is None:
@@ -179,6 +201,7 @@ def deliver(params: list, terms) -> None:
             grad = torch.ones_like(tensor)
         if not tensor.requires_grad:
             continue
+        grad = grad.to(tensor.dtype)
         if id(tensor) in totals:
             totals[id(tensor)][1] = totals[id(tensor)][1] + grad.detach()
         else:

@@ -37,12 +37,14 @@ class JacobianFrobenius(Method):
                             lambda value, name: check_integer(value, name, 1, also=(-1,)), parse=int)
 
     def projections(self, logits: torch.Tensor) -> torch.Tensor:
-        """(n, B, C) projection vectors and their count n."""
+        """(n, B, C) projection vectors, in the logits' dtype. Drawn in at least float32 (under
+        bfloat16 autocast the logits are bfloat16; the draws are then the float32 ones, rounded)."""
         batch, classes = logits.shape
         if self.n_proj == -1:
             return torch.eye(classes, dtype=logits.dtype, device=logits.device).unsqueeze(1).expand(classes, batch, classes)
-        v = torch.randn(self.n_proj, batch, classes, dtype=logits.dtype, device=logits.device)
-        return v / v.norm(dim=2, keepdim=True)
+        v = torch.randn(self.n_proj, batch, classes, dtype=torch.promote_types(logits.dtype, torch.float32),
+                        device=logits.device)
+        return (v / v.norm(dim=2, keepdim=True)).to(logits.dtype)
 
     def _backward(self, model, x, y, params):
         x, lin, main_loss, logits = _penalty_graph(self, model, x, y)

@@ -42,7 +42,8 @@ class WeightPenalty(Method):
     def _backward(self, model, x, y, params):
         main_loss = self.main_loss(model(x), y)
         weights = layer_weights(model)
-        reg_loss = self.beta * self.weight_penalty(weights) if weights else main_loss.new_zeros(())
+        with torch.autocast(x.device.type, enabled=False):  # weights alone, cheap: in their own precision
+            reg_loss = self.beta * self.weight_penalty(weights) if weights else main_loss.new_zeros(())
         deliver(params, [(main_loss + reg_loss, None)])
         return main_loss.item(), reg_loss.item()
 

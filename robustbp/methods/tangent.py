@@ -67,8 +67,11 @@ class TangentMethod(Method):
                                            _check_tangents, parse=None)
 
     def tangent_vectors(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, ...) tangent vectors of the batch, held constant."""
-        tangents = self.tangents(x) if self.tangents is not None else image_tangents(x, self.sigma)
+        """(B, T, ...) tangent vectors of the batch, held constant; in x's own precision even under
+        autocast (they are data: central differences of the smoothed image, which bfloat16 rounding
+        would swamp where the image is smooth)."""
+        with torch.autocast(x.device.type, enabled=False):
+            tangents = self.tangents(x) if self.tangents is not None else image_tangents(x, self.sigma)
         if tangents.dim() != x.dim() + 1 or tangents.shape[0] != x.shape[0] or tangents.shape[2:] != x.shape[1:]:
             raise ValueError(
                 f"{self.name}: tangents must have shape (B, T, {', '.join(map(str, x.shape[1:]))}) "
