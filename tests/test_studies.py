@@ -433,3 +433,15 @@ def test_two_studies_may_share_a_key_and_an_old_store_is_migrated(tmp_path):
     (old,) = ResultStore(path).runs("spectral")
     assert (old["history"], old["seconds_per_epoch"], old["host"]) == ([1], 2.5, "vm")
     assert ResultStore(path).runs("leaderboard")[0]["config"] == {"x": 1}
+
+
+def test_a_bad_claim_check_gets_one_error_naming_it(tmp_path):
+    text = (ROOT / "studies" / "spectral.toml").read_text()
+    old = '{ label = "spectral", metric = "test error", direction = "lower", against = "none" }'
+    for new, message in [(old.replace('against = "none"', 'against = "nobody"'), "unknown label 'nobody'"),
+                         (old.replace('"lower"', '"better"'), "direction must be one of"),
+                         (old.replace('label = "spectral"', 'label = "none"'), "compares 'none' with itself")]:
+        path = tmp_path / "spectral.toml"
+        path.write_text(text.replace(old, new, 1))
+        with pytest.raises(ValueError, match=message):
+            definition.load(path)

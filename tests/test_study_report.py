@@ -151,9 +151,39 @@ def test_report_numbers_are_the_hand_computed_ones(study, stand_in_runner):
                             "(40.00 ± 3.61 against 40.00 ± 1.58")
     assert noise.endswith("p = 1): not significant — cannot be decided at this budget.")
     assert "in s/epoch by 1.000 s" in markdown
-    assert "## The paper's claims (read them against the sentences above)" in markdown
-    for claim in study.claims:
-        assert f"- {claim}" in markdown
+    # the claims, decided by their checks: cheaper (decided, lower) and "the same error" (decided apart)
+    cheaper, same_error = study.claims
+    assert f"- {cheaper.text} — **reproduced**" in markdown
+    assert f"- {same_error.text} — **not reproduced**" in markdown
+    assert (f"    - not reproduced: {IBP} is lower than {BASE} in test error % by 10.00 points (50.0% relative)"
+            in markdown)
+
+
+def test_claim_verdicts_follow_the_checks(study):
+    """Each verdict from hand-made numbers: a similarity claim holds when the difference is not
+    significant and within the spread; a directional claim needs a decided difference its way;
+    too few seeds or a missing column decide nothing."""
+    from robustbp.studies.definition import Check, Claim
+    from robustbp.studies.report import Metric, claim_verdict
+
+    error = Metric("test error %", "points", {"a": [10, 11, 12, 13, 14], "b": [10.5, 11.5, 12.5, 13.5, 14.5],
+                                              "c": [20, 21, 22, 23, 24], "d": [20, 21, 22]})
+
+    def verdict(*checks):
+        return claim_verdict(Claim("claim", [Check(*check) for check in checks]), [error])[0]
+
+    assert verdict(("a", "test error", "similar", "b", "test error")) == "reproduced"
+    assert verdict(("a", "test error", "lower", "b", "test error")) == "not decidable at this budget"
+    assert verdict(("a", "test error", "lower", "c", "test error")) == "reproduced"
+    assert verdict(("a", "test error", "higher", "c", "test error")) == "not reproduced"
+    assert verdict(("a", "test error", "similar", "c", "test error")) == "not reproduced"
+    assert verdict(("a", "test error", "lower", "d", "test error")) == "not decidable at this budget"  # n = 3
+    assert verdict(("a", "noise error", "lower", "c", "noise error")) == "not decidable at this budget"
+    assert verdict(("a", "test error", "lower", "c", "test error"),
+                   ("a", "test error", "higher", "c", "test error")) == "not reproduced"
+    assert verdict(("a", "test error", "lower", "c", "test error"),
+                   ("a", "test error", "lower", "b", "test error")) == "not decidable at this budget"
+    assert claim_verdict(Claim("no checks", []), [error])[0] == "not decidable at this budget"
 
 
 def test_report_lists_choices_failures_versions_and_missing_runs(study, stand_in_runner):

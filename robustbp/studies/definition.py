@@ -6,7 +6,12 @@ before anything runs (one ValueError naming the file and the field).
     baseline                       the label every method is tested against (rank-sum test)
     select_by                      "val_error" or "val_loss": how grid values are chosen
     train                          TrainConfig settings every run shares (only what differs from the defaults)
-    deviations, claims             the study's deviations from the paper, and the paper's claims in words
+    deviations                     the study's deviations from the paper
+    [[claims]]                     text (the paper's claim in words) and checks, each a comparison the
+                                   report decides from the final runs: label, metric (the start of a
+                                   results column: "test error", "noise error", "boundary median"),
+                                   direction ("lower", "higher" or "similar"), against (a label;
+                                   default the label's baseline), against_metric (default metric)
     [[methods]]                    label, method, params (fixed), grid (values chosen on validation:
                                    method parameters or training settings such as lr), train (this
                                    entry's own training settings: dropout, model, activation, ...),
@@ -60,6 +65,26 @@ class MethodEntry:
         return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+DIRECTIONS = ("lower", "higher", "similar")
+
+
+@dataclass(frozen=True)
+class Check:
+    """label's `metric` is `direction` than (or similar to) against's `against_metric`."""
+
+    label: str
+    metric: str
+    direction: str
+    against: str
+    against_metric: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    checks: list[Check]
+
+
 @dataclass(frozen=True)
 class Budget:
     name: str
@@ -89,7 +114,7 @@ class Study:
     methods: list[MethodEntry]
     budgets: dict[str, Budget]
     deviations: list[str]
-    claims: list[str]
+    claims: list[Claim]
     paper: dict[str, dict[str, str]]
     path: Path
 
@@ -249,4 +274,30 @@ def _study(raw: dict, path: Path) -> Study:
         fail(f"every study needs the budgets {BUDGETS}; missing {sorted(missing)}")
     return Study(raw["name"], raw["title"], raw["source"], raw["dataset"], raw["model"], raw["baseline"], select_by,
                  dict(raw.get("train", {})), entries, budgets, list(raw.get("deviations", [])),
-                 list(raw.get("claims", [])), {k: dict(v) for k, v in raw.get("paper", {}).items()}, path)
+                 [_claim(item, entries, raw["baseline"], fail) for item in raw.get("claims", [])],
+                 {k: dict(v) for k, v in raw.get("paper", {}).items()}, path)
+
+
+def _claim(item: dict, entries: list[MethodEntry], baseline: str, fail) -> Claim:
+    labels = {entry.label: entry for entry in entries}
+    unknown = set(item) - {"text", "checks"}
+    if unknown:
+        fail(f"claim {item.get('text', '')[:40]!r}: unknown fields {sorted(unknown)}")
+    checks = []
+    for check in item.get("checks", []):
+        unknown = set(check) - {"label", "metric", "direction", "against", "against_metric"}
+        if unknown:
+            fail(f"claim {item['text'][:40]!r}: a check has unknown fields {sorted(unknown)}")
+        label = check["label"]
+        if label not in labels:
+            fail(f"claim {item['text'][:40]!r}: unknown label {label!r}")
+        against = check.get("against") or labels[label].baseline or baseline
+        if against == label and check.get("against_metric", check["metric"]) == check["metric"]:
+            fail(f"claim {item['text'][:40]!r}: a check compares {label!r} with itself")
+        if against not in labels:
+            fail(f"claim {item['text'][:40]!r}: unknown label {against!r}")
+        if check["direction"] not in DIRECTIONS:
+            fail(f"claim {item['text'][:40]!r}: direction must be one of {DIRECTIONS}, got {check['direction']!r}")
+        checks.append(Check(label, check["metric"], check["direction"], against,
+                            check.get("against_metric", check["metric"])))
+    return Claim(item["text"], checks)

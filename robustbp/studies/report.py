@@ -17,8 +17,8 @@ cannot decide:
    correction for multiple comparisons, as in the papers);
 4. the paper's figures beside ours;
 5. one sentence per method, metric and baseline ("X is lower than B by D points (p = …):
-   significant / not significant / undecidable (n < 4)"), and the paper's claims, which are free
-   text, listed to be read against those sentences;
+   significant / not significant / undecidable (n < 4)"), and each of the paper's claims with its
+   verdict (reproduced, not reproduced, not decidable at this budget) from the study's checks;
 6. figures where there is data: test error per method, error against noise σ, attack success
    against ε or steps, training loss per epoch.
 """
@@ -201,7 +201,8 @@ def _headlines(suite: str, m: dict, settings: dict) -> list[tuple[str, str, floa
         return [("boundary median L2", "", m["median"])]
     if suite == "spectral" and "error" in m:
         e = m["error"]
-        return [(f"spectral rel. error ({e['n_iter'][-1]} it.)", "", e["estimate_rel_error_mean"][-1])]
+        return [(f"spectral rel. error ({e['n_iter'][-1]} it.)", "", e["estimate_rel_error_mean"][-1]),
+                ("bound rel. error", "", e.get("bound_rel_error_mean"))]
     return []
 
 
@@ -350,33 +351,108 @@ def _selection(study: Study, budget: str, runs: list[dict], finals: dict[str, li
     return lines
 
 
-def _sentence(metric: Metric, label: str, baseline: str) -> str | None:
-    ours, theirs = metric.values.get(label, []), metric.values.get(baseline, [])
-    if not ours or not theirs:
+@dataclass
+class Comparison:
+    """label's values of one metric against another label's (or another metric's), decided or not:
+    state "decided" (n >= MIN_SEEDS each, p < ALPHA, difference beyond the larger sd), "few",
+    "not significant" or "within spread"."""
+
+    text: str  # "X is lower than Y in M by D (a ± s against b ± s, n = .., p = ..)"
+    difference: float
+    state: str
+
+
+def _compare(ours: Metric, label: str, theirs: Metric, against: str) -> Comparison | None:
+    mine, other = ours.values.get(label, []), theirs.values.get(against, [])
+    if not mine or not other:
         return None
-    mean, sd, n = summary(ours)
-    base_mean, base_sd, base_n = summary(theirs)
-    test = rank_sum(ours, theirs, ALPHA)
-    difference, digits = mean - base_mean, _digits(metric)
-    unit = f" {metric.unit}" if metric.unit else ""
+    mean, sd, n = summary(mine)
+    base_mean, base_sd, base_n = summary(other)
+    test = rank_sum(mine, other, ALPHA)
+    difference, digits = mean - base_mean, _digits(ours)
+    unit = f" {ours.unit}" if ours.unit else ""
+    where = ours.name if ours is theirs else f"{ours.name} against {against}'s {theirs.name}"
     if round(abs(difference), digits) == 0:
-        compared = f"is level with {baseline} in {metric.name}"
+        compared = f"is level with {against} in {where}"
     else:
         direction = "lower" if difference < 0 else "higher"
-        compared = f"is {direction} than {baseline} in {metric.name} by {abs(difference):.{digits}f}{unit}"
-        if metric.name == TEST_ERROR and base_mean > 0:
+        compared = f"is {direction} than {against} in {where} by {abs(difference):.{digits}f}{unit}"
+        if ours.name == TEST_ERROR and ours is theirs and base_mean > 0:
             compared += f" ({100 * abs(difference) / base_mean:.1f}% relative)"
-    text = (f"{label} {compared} ({_mean_sd(ours, digits)} against {_mean_sd(theirs, digits)}, "
-            f"n = {n} against {base_n}, p = {_p(test.p_value)}): ")
+    text = (f"{label} {compared} ({_mean_sd(mine, digits)} against {_mean_sd(other, digits)}, "
+            f"n = {n} against {base_n}, p = {_p(test.p_value)})")
     spread = max((s for s in (sd, base_sd) if not math.isnan(s)), default=math.nan)
     if n < MIN_SEEDS or base_n < MIN_SEEDS:
-        return text + f"undecidable (n < {MIN_SEEDS}) — cannot be decided at this budget."
+        return Comparison(text + f": undecidable (n < {MIN_SEEDS})", difference, "few")
     if not test.significant:
-        return text + "not significant — cannot be decided at this budget."
+        return Comparison(text + ": not significant", difference, "not significant")
     if abs(difference) < spread:
-        return text + (f"significant, but smaller than the seeds' spread (sd {spread:.{digits}f}) — "
-                       "cannot be decided at this budget.")
-    return text + "significant."
+        return Comparison(text + f": significant, but smaller than the seeds' spread (sd {spread:.{digits}f})",
+                          difference, "within spread")
+    return Comparison(text + ": significant", difference, "decided")
+
+
+def _sentence(metric: Metric, label: str, baseline: str) -> str | None:
+    comparison = _compare(metric, label, metric, baseline)
+    if comparison is None:
+        return None
+    return comparison.text + ("." if comparison.state == "decided" else " — cannot be decided at this budget.")
+
+
+REPRODUCED, NOT_REPRODUCED, UNDECIDABLE = "reproduced", "not reproduced", "not decidable at this budget"
+
+
+def _check_verdicts(check, metrics: list[Metric]) -> list[tuple[str, str]]:
+    """(verdict, sentence) of one check, one per results column its metric names (a metric like
+    "PGD" may name several columns; each must hold)."""
+    columns = [m for m in metrics if m.name.startswith(check.metric)]
+    if check.against_metric == check.metric:
+        pairs = [(m, m) for m in columns]
+    else:
+        others = [m for m in metrics if m.name.startswith(check.against_metric)]
+        pairs = list(zip(columns[:1], others[:1]))
+    if not pairs:
+        return [(UNDECIDABLE, f"{check.label} against {check.against}: no results column named "
+                              f"{check.metric!r}{'' if check.against_metric == check.metric else ' or ' + repr(check.against_metric)}"
+                              " at this budget")]
+    verdicts = []
+    for ours, theirs in pairs:
+        comparison = _compare(ours, check.label, theirs, check.against)
+        if comparison is None:
+            verdicts.append((UNDECIDABLE, f"{check.label} or {check.against} has no final runs with {ours.name}"))
+            continue
+        if check.direction == "similar":
+            if comparison.state == "decided":
+                verdict = NOT_REPRODUCED
+            elif comparison.state == "not significant" and _within_spread(ours, check.label, theirs, check.against):
+                verdict = REPRODUCED
+            else:
+                verdict = UNDECIDABLE
+        elif comparison.state != "decided":
+            verdict = UNDECIDABLE
+        else:
+            verdict = REPRODUCED if (comparison.difference < 0) == (check.direction == "lower") else NOT_REPRODUCED
+        verdicts.append((verdict, f"{comparison.text} (claimed: {check.direction})"))
+    return verdicts
+
+
+def _within_spread(ours: Metric, label: str, theirs: Metric, against: str) -> bool:
+    """The two means differ by less than the larger standard deviation of the two."""
+    (mean, sd, _), (base_mean, base_sd, _) = summary(ours.values[label]), summary(theirs.values[against])
+    spread = max((s for s in (sd, base_sd) if not math.isnan(s)), default=math.nan)
+    return abs(mean - base_mean) <= spread
+
+
+def claim_verdict(claim, metrics: list[Metric]) -> tuple[str, list[tuple[str, str]]]:
+    """A claim is reproduced when every check is, not reproduced when any check is decided the
+    other way, and not decidable at this budget otherwise (or when it has no checks)."""
+    checks = [verdict for check in claim.checks for verdict in _check_verdicts(check, metrics)]
+    states = {verdict for verdict, _ in checks}
+    if not checks:
+        return UNDECIDABLE, []
+    if NOT_REPRODUCED in states:
+        return NOT_REPRODUCED, checks
+    return (REPRODUCED if states == {REPRODUCED} else UNDECIDABLE), checks
 
 
 def _main_table(study: Study, budget: str, metrics: list[Metric], sources: dict[str, str]) -> list[str]:
@@ -440,8 +516,18 @@ def _claims(study: Study, budget: str, metrics: list[Metric]) -> list[str]:
     sentences = [sentence for metric in metrics for label, baseline in _compared(study, budget)
                  if (sentence := _sentence(metric, label, baseline)) is not None]
     lines += [f"- {s}" for s in sentences] or ["- no method has final runs beside the baseline's yet."]
-    lines += ["", "## The paper's claims (read them against the sentences above)", ""]
-    lines += [f"- {claim}" for claim in study.claims] or ["- the study states no claims."]
+    lines += ["", "## The paper's claims", "",
+              "Each claim is decided by its checks, comparisons of the final runs decided as above: reproduced "
+              "when every check is decided in the claimed direction (a claim of similarity: no significant "
+              "difference and the means within the seeds' spread), not reproduced when any check is decided "
+              "the other way, otherwise not decidable at this budget.", ""]
+    for claim in study.claims:
+        verdict, checks = claim_verdict(claim, metrics)
+        lines.append(f"- {claim.text} — **{verdict}**"
+                     + ("" if checks else " (no check of it can be computed from these suites)"))
+        lines += [f"    - {check_verdict}: {sentence}" for check_verdict, sentence in checks]
+    if not study.claims:
+        lines.append("- the study states no claims.")
     return lines
 
 
