@@ -2,6 +2,7 @@
 
     robustbp train --dataset fashion-mnist --model lenet --method jacobian-spectral --beta 0.01 --epochs 10 --out runs/spec
     robustbp train --resume --out runs/spec               # continue an interrupted run
+    robustbp train --nproc 2 --dataset digits --out runs/two   # data-parallel, 2 processes (torchrun)
     robustbp evaluate --checkpoint runs/spec --compare runs/std --suite noise,fgsm,pgd --out runs/eval
     robustbp methods | datasets | models                  # what the registries hold
     robustbp demo --out runs/demo                         # the three-method demo (under a minute on 2 idle cores)
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from robustbp.training.device import DEVICE_HELP
 from robustbp.validation import MissingDependency
 
 PROG = "robustbp"
@@ -54,7 +56,8 @@ TRAIN_HELP = {
     "activation": "hidden nonlinearity: relu, tanh or logistic; default %s",
     "method": "training method (see `robustbp methods`); default %s",
     "epochs": "number of epochs; default %s",
-    "batch_size": "images per step; default %s",
+    "batch_size": "images per step; with several processes the global batch, cut into equal slices (it must "
+                  "divide by their number); default %s",
     "lr": "initial learning rate of SGD; default %s",
     "momentum": "SGD momentum in [0, 1); default %s",
     "weight_decay": "L2 weight decay coefficient of SGD; default %s",
@@ -63,7 +66,10 @@ TRAIN_HELP = {
     "train_size": "train on a stratified subset of this many training images; default: all",
     "val_size": "hold out this many training images (or this fraction, < 1) for validation; default %s (none)",
     "seed": "seed of the initialization, shuffling, augmentation and the method's randomness; default %s",
-    "device": "torch device, e.g. cpu or cuda; default %s",
+    "device": "torch device: " + DEVICE_HELP + "; with several processes on CUDA each uses cuda:LOCAL_RANK; "
+              "default %s",
+    "amp": "mixed precision: none, or bf16 (each training step under torch.autocast with bfloat16, no gradient "
+           "scaler; refused by the methods whose gradient it would make unsound); fp16 is refused; default %s",
     "log_every": "refresh the progress bar every this many steps; default %s",
 }
 NUMBER_TYPES = {"epochs": int, "batch_size": int, "train_size": int, "seed": int, "log_every": int}
@@ -86,6 +92,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from robustbp.training import TrainConfig
 
     defaults = TrainConfig()
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="train data-parallel in N processes on this machine, started through torchrun "
+                             "(torch.distributed.run; gloo on the CPU, NCCL on GPUs): --batch-size is the global "
+                             "batch and must divide by N; an epoch's last partial batch is split evenly when it "
+                             "divides by N, else dropped; BatchNorm in train mode normalizes with each process's "
+                             "own slice. Under torchrun or another launcher leave it out")
     parser.add_argument("--config", metavar="FILE",
                         help="a JSON or TOML file of settings that differ from the defaults (options below override it)")
     parser.add_argument("--out", metavar="DIR",
@@ -177,9 +189,13 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.method}")
+    if args.nproc is not None:
+        return launch_train(args, config, out)
     result = train(config, out, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if result.status != "complete":
         return 130
+    if result.rank != 0:
+        return 0
     final = result.final
     if final:
         val = f", validation error {final['val_error']:.2f}%" if final.get("val_error") is not None else ""
@@ -187,6 +203,27 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         print(f"{out}: already complete")
     return 0
+
+
+def launch_train(args: argparse.Namespace, config, out: Path) -> int:
+    """`robustbp train --nproc N`: check what can be checked here, then run the same command
+    without --nproc in N processes through torchrun; rank 0 prints the result."""
+    from robustbp.training import distributed, runs
+    from robustbp.training.loop import check_amp, make_method
+
+    distributed.check_launch(args.nproc, config.batch_size, config.device)
+    runs.check_run_folder(out, config, args.resume, args.overwrite, args.nproc)
+    check_amp(make_method(config), config.amp)
+    distributed.launch(args.nproc, without_nproc(args.argv))
+    return 0
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """The command line `argv` without its --nproc option (however abbreviated)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--nproc")
+    _, rest = parser.parse_known_args(argv)
+    return rest
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -220,7 +257,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
                         help="change one budget of the suites, e.g. --set noise_sigmas=0,0.1,0.3 --set pgd_restarts=5 "
                              "(names: the fields of robustbp.evaluate.SuiteSettings); repeatable")
-    parser.add_argument("--device", default="cpu", help="torch device; default cpu")
+    parser.add_argument("--device", default="cpu", help=f"torch device: {DEVICE_HELP}; default cpu")
 
 
 def evaluation_suites(text: str) -> list[str]:
@@ -410,6 +447,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-size", type=int, default=None, metavar="N",
                         help="evaluate on N of its 1,000 test images; default all")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run; default 0")
+    parser.add_argument("--device", default="cpu", help=f"torch device: {DEVICE_HELP}; default cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -418,7 +456,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     result = demo.run(args.out, epochs=args.epochs, train_size=args.train_size, test_size=args.test_size,
-                      seed=args.seed, progress=not args.quiet)
+                      seed=args.seed, progress=not args.quiet, device=args.device)
     print(f"demo finished in {time.perf_counter() - started:.0f} s; table {result['table_path']}, plot {result['plot_path']}")
     return 0
 
@@ -440,7 +478,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "with loss-ibp at p=1 and p=2 and adversarial in both variants")
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds, each running every method once; default 20")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first; default 3")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; default cpu")
+    parser.add_argument("--device", default="cpu", help=f"torch device: {DEVICE_HELP}; default cpu")
     parser.add_argument("--spectral", action="store_true",
                         help="also time the power-iteration spectral-norm estimate against the exact one")
     parser.add_argument("--trainer", action="store_true",
@@ -450,7 +488,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     from robustbp import bench
+    from robustbp.training import check_device
 
+    device = str(check_device(args.device))
     specs = tuple(spec.strip() for spec in args.methods.split(",") if spec.strip())
     setups = ((args.model, args.batch_size or 128),) if args.model else BENCH_SETUPS
     if args.batch_size is not None and not args.model:
@@ -459,7 +499,7 @@ def run_bench(args: argparse.Namespace) -> int:
     for model, batch in setups:
         timings = bench.bench(model, batch, specs, rounds=args.rounds,
                               warmup=args.warmup, image_size=args.image_size, in_channels=args.channels,
-                              device=args.device)
+                              device=device)
         print(f"{model}, batch {batch}, {args.image_size}×{args.image_size}, {args.rounds} interleaved rounds "
               f"(median step: zero_grad + method.backward + SGD step)")
         print(bench.format_table(timings) + "\n")
@@ -504,7 +544,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> Parser:
+def build_parser(only: str | None = None) -> Parser:
+    """The whole command line; with `only` (a command's name), that command's options alone are
+    built (the others keep their names and help), so that e.g. `robustbp train` does not import
+    what the study commands need."""
     import robustbp
 
     parser = Parser(prog=PROG, description="Backpropagation extensions that train classifiers robust to small input changes.")
@@ -512,9 +555,16 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, command in COMMANDS.items():
         child = sub.add_parser(name, help=command.help, description=command.help)
-        command.add_arguments(child)
+        if only is None or name == only:
+            command.add_arguments(child)
         child.set_defaults(run=command.run)
     return parser
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The command `argv` names (its first word when that is a command), else None."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    return first if first in COMMANDS else None
 
 
 def one_line(error: BaseException) -> str:
@@ -530,8 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         from robustbp.runtime import keep_freed_memory
 
         keep_freed_memory()
-        parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        parser = build_parser(command_of(argv))
         args = parser.parse_args(argv)
+        args.argv = argv
         if getattr(args, "run", None) is None:
             parser.print_help(sys.stderr)
             return 2
@@ -548,8 +600,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except RuntimeError as error:
         from robustbp.training import NonFiniteLoss
+        from robustbp.training.distributed import RunFailed
 
-        if not isinstance(error, NonFiniteLoss):
+        if not isinstance(error, (NonFiniteLoss, RunFailed)):
             raise
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1

@@ -53,9 +53,9 @@ COLUMNS = {  # the fraction of the test images misclassified
 
 
 def demo_config(method: str, params: dict[str, Any], epochs: int = EPOCHS, train_size: int | None = None,
-                seed: int = 0) -> TrainConfig:
+                seed: int = 0, device: str = "cpu") -> TrainConfig:
     return TrainConfig(dataset=DATASET, model=MODEL, method=method, method_params=dict(params), epochs=epochs,
-                       train_size=train_size, seed=seed, **DEMO_SETTINGS)
+                       train_size=train_size, seed=seed, device=device, **DEMO_SETTINGS)
 
 
 def robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, float]:
@@ -71,17 +71,20 @@ def robustness(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 
 def run(out_dir: str | Path = "runs/demo", epochs: int = EPOCHS, train_size: int | None = None,
-        test_size: int | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Train the three methods, evaluate them, print the table; write demo.json and demo.png."""
+        test_size: int | None = None, seed: int = 0, progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """Train the three methods on `device` (cpu, cuda, cuda:K or auto), evaluate them there, print
+    the table; write demo.json and demo.png."""
     from robustbp import data
+    from robustbp.training import check_device
 
     if test_size is not None and test_size < 1:
         raise ValueError(f"test_size must be a whole number >= 1, got {test_size}")
-    configs = [demo_config(method, params, epochs, train_size, seed) for method, params in METHODS]  # checks first
+    where = check_device(device)
+    configs = [demo_config(method, params, epochs, train_size, seed, str(where)) for method, params in METHODS]  # checks first
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _, test = data.load(DATASET)
-    images, labels = test.images[:test_size], test.labels[:test_size]
+    images, labels = test.images[:test_size].to(where), test.labels[:test_size].to(where)
     rows = []
     for config in configs:
         method, params = config.method, config.method_params

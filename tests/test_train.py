@@ -217,13 +217,16 @@ def test_run_files_have_ordinary_permissions(tmp_path):
 # ------------------------------------------------------------------ older run folders
 FORMAT_1_CHECKPOINT = {"format", "config", "model_args", "epoch", "step", "partial", "model", "optimizer",
                        "scheduler", "rng", "method", "history"}
+FORMAT_3_ADDITIONS = {"world_size", "other_ranks"}
 
 
 def as_format_1(folder):
-    """Rewrite a run folder as robustbp wrote it in format 1: the same fields, but "method" None
-    for a method without state."""
+    """Rewrite a run folder as robustbp wrote it in format 1: the fields of format 3 but those it
+    added for several processes, and "method" None for a method without state."""
     checkpoint = torch.load(folder / "checkpoint.pt", weights_only=False)
-    assert set(checkpoint) == FORMAT_1_CHECKPOINT
+    assert set(checkpoint) - FORMAT_3_ADDITIONS == FORMAT_1_CHECKPOINT
+    for name in FORMAT_3_ADDITIONS & set(checkpoint):
+        del checkpoint[name]
     checkpoint["format"] = 1
     checkpoint["method"] = checkpoint["method"] or None
     torch.save(checkpoint, folder / "checkpoint.pt")

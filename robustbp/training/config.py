@@ -21,12 +21,20 @@ from typing import Any
 
 import torch
 
+from robustbp.methods.base import FLOAT16_REASON
+
 SCHEDULES = {
     "constant": "the learning rate stays at lr",
     "exp:GAMMA": "lr·GAMMA^epoch, decayed after every epoch (IBP paper: exp:0.98 on MNIST, exp:0.99 on CIFAR)",
     "step:N[:GAMMA]": "multiply by GAMMA (default 0.5, i.e. halving) every N epochs",
     "cosine": "cosine annealing from lr to 0 over the run's epochs",
 }
+
+AMP = {
+    "none": "float32 throughout",
+    "bf16": "the training step under torch.autocast with bfloat16 (no gradient scaler); evaluation in float32",
+}
+FP16_REFUSAL = f"amp fp16 is not supported: {FLOAT16_REASON}; use --amp bf16, which needs no scaler"
 
 # Settings that may differ when a run is resumed: they do not change what is computed
 # (epochs only extends or shortens the run; with `cosine` it also reshapes the schedule).
@@ -54,7 +62,8 @@ class TrainConfig:
     train_size: int | None = None        # train on this many images drawn from the training set
     val_size: float = 0.0                # held-out validation images: a count (>= 1) or a fraction (< 1)
     seed: int = 0                        # model initialization, shuffling, augmentation, the method's noise
-    device: str = "cpu"
+    device: str = "cpu"                  # cpu, cuda, cuda:K or auto (training.device.check_device)
+    amp: str = "none"                    # see AMP
     log_every: int = 20                  # progress bar refresh, in steps
 
     def __post_init__(self):
@@ -83,6 +92,10 @@ class TrainConfig:
         if not isinstance(self.augment, bool):
             raise ValueError(f"augment must be true or false, got {self.augment!r}")
         parse_schedule(self.schedule)
+        if self.amp in ("fp16", "float16"):
+            raise ValueError(FP16_REFUSAL)
+        if self.amp not in AMP:
+            raise ValueError(f"amp must be one of {', '.join(AMP)}, got {self.amp!r}")
         try:
             json.dumps(self.method_params)
         except TypeError as error:

@@ -23,14 +23,17 @@ class Progress:
                     disable=not self.enabled, dynamic_ncols=True, file=sys.stderr)
 
 
-def describe(config, train_images: int, val_images: int, out, resumed_after: str | None) -> str:
-    """One line: model, data, method, epochs, run folder, and where a resumed run starts."""
+def describe(config, train_images: int, val_images: int, out, resumed_after: str | None, processes: int = 1) -> str:
+    """One line: model, data, method, epochs, processes and precision, run folder, and where a
+    resumed run starts."""
     params = ", ".join(f"{k}={v}" for k, v in config.method_params.items())
     val = f", {val_images} validation" if val_images else ""
     where = f" -> {out}" if out is not None else ""
     start = f" (resuming after {resumed_after})" if resumed_after else ""
+    parallel = f", {processes} processes of {config.batch_size // processes} images a step" if processes > 1 else ""
+    precision = ", bf16 autocast" if getattr(config, "amp", "none") == "bf16" else ""
     return (f"training {config.model} on {config.dataset} ({train_images} images{val}) with {config.method}"
-            f"{f' ({params})' if params else ''}, {config.epochs} epochs{where}{start}")
+            f"{f' ({params})' if params else ''}, {config.epochs} epochs{parallel}{precision}{where}{start}")
 
 
 def bar_text(sums: dict[str, float]) -> str:

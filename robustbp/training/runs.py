@@ -27,9 +27,10 @@ CONFIG = "config.json"
 HISTORY = "history.json"
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
-# 2: a checkpoint's "method" is always the method's state dict ({} for most methods);
-# 1 stored None for a method without state_dict. model.pt is the same in both.
-FORMAT = 2
+# 3: a checkpoint also holds world_size and other_ranks (a run of several processes); 2 and 1
+# are read as one process's. 2: a checkpoint's "method" is always the method's state dict ({} for
+# most methods); 1 stored None for a method without state_dict. model.pt is the same in all.
+FORMAT = 3
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Checkpoint:
     rng: dict[str, torch.Tensor]     # torch, shuffle, augment; cuda and epoch_shuffle when used
     method: dict[str, Any]           # method.state_dict(model)
     history: list[dict[str, Any]]
+    world_size: int = 1              # processes the run trains with
+    # What differs between processes, for ranks 1..N-1 ({"rng": ..., "method": ...} each); rank
+    # 0's is in rng and method, and everything else is the same on every rank.
+    other_ranks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def progress(self) -> str:
@@ -85,11 +90,13 @@ def save_model(folder: Path, config: TrainConfig, model_args: dict[str, Any], mo
 
 
 # ------------------------------------------------------------------ the folder's policy
-def check_run_folder(out: Path | None, config: TrainConfig, resume: bool, overwrite: bool) -> Checkpoint | None:
+def check_run_folder(out: Path | None, config: TrainConfig, resume: bool, overwrite: bool,
+                     world_size: int = 1) -> Checkpoint | None:
     """Check the folder without changing it; return the checkpoint to resume from, if any.
 
     An existing run is refused unless `resume` or `overwrite`. Resuming needs its checkpoint, the
-    same settings except RESUMABLE_CHANGES, and at least as many epochs as it already trained.
+    same settings except RESUMABLE_CHANGES, at least as many epochs as it already trained, and the
+    same number of processes (`world_size`).
     """
     if out is None:
         if resume:
@@ -98,17 +105,20 @@ def check_run_folder(out: Path | None, config: TrainConfig, resume: bool, overwr
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     if resume:
-        return checkpoint_to_resume(out, config)
+        return checkpoint_to_resume(out, config, world_size)
     if ((out / CHECKPOINT).exists() or (out / MODEL).exists()) and not overwrite:
         raise ValueError(f"{out} already holds a run; resume it, or overwrite it, or choose another folder")
     return None
 
 
-def checkpoint_to_resume(out: Path, config: TrainConfig) -> Checkpoint:
+def checkpoint_to_resume(out: Path, config: TrainConfig, world_size: int = 1) -> Checkpoint:
     path = out / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume in {out}: it holds no {CHECKPOINT}")
     checkpoint = read_checkpoint(path)
+    if checkpoint.world_size != world_size:
+        raise ValueError(f"cannot resume {out} with {processes(world_size)}: it was trained with "
+                         f"{processes(checkpoint.world_size)}; resume it with --nproc {checkpoint.world_size}")
     before = TrainConfig.from_dict(checkpoint.config)
     changed = [name for name in config.differences(before) if name not in RESUMABLE_CHANGES]
     if changed:
@@ -122,6 +132,10 @@ def checkpoint_to_resume(out: Path, config: TrainConfig) -> Checkpoint:
         raise ValueError(f"cannot resume {out} with epochs {config.epochs}: it has already trained {done}; "
                          f"resume with epochs >= {needed} to continue or extend it")
     return checkpoint
+
+
+def processes(count: int) -> str:
+    return f"{count} process{'' if count == 1 else 'es'}"
 
 
 def check_model_args(checkpoint: Checkpoint, model_args: dict[str, Any], out: Path) -> None:
@@ -157,11 +171,12 @@ def read_torch(path: Path) -> Any:
 def read_checkpoint(path: Path) -> Checkpoint:
     """The Checkpoint in `path`, of any format up to FORMAT."""
     saved = read_torch(path)
-    names = [f.name for f in dataclasses.fields(Checkpoint)]
-    missing = [name for name in names if not isinstance(saved, dict) or name not in saved]
+    fields = dataclasses.fields(Checkpoint)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if not isinstance(saved, dict) or name not in saved]
     if missing:
         raise ValueError(f"{path} is not a robustbp checkpoint (it lacks {', '.join(missing)})")
-    values = {name: saved[name] for name in names}
+    values = {f.name: saved[f.name] for f in fields if f.name in saved}  # formats 1 and 2: one process
     if values["method"] is None:  # format 1, a method without state
         values["method"] = {}
     return Checkpoint(**values)
