@@ -227,7 +227,9 @@ def test_the_ray_backend_records_what_the_local_one_does(tmp_path):
     pytest.importorskip("ray")  # an optional extra: `make` installs it, so CI runs this
     study = definition.load("ibp-vs-exact")
     runner.run_study(study, "smoke", tmp_path / "local.sqlite", report=lambda line: None, runs_dir=None)
-    runner.run_study(study, "smoke", tmp_path / "ray.sqlite", workers=2, backend="ray", report=lambda line: None)
+    runner.run_study(study, "smoke", tmp_path / "ray.sqlite", workers=2, backend="ray", report=lambda line: None,
+                     runs_dir=tmp_path / "ray-runs")
+    assert len(list((tmp_path / "ray-runs" / "ibp-vs-exact" / "smoke").glob("*/*/*/model.pt"))) == 8  # checkpointed
     local = {run["key"]: run for run in ResultStore(tmp_path / "local.sqlite").runs("ibp-vs-exact")}
     remote = {run["key"]: run for run in ResultStore(tmp_path / "ray.sqlite").runs("ibp-vs-exact")}
     assert set(local) == set(remote) and len(local) == 8
