@@ -6,7 +6,8 @@
 
 config.py     TrainConfig: every setting of a run, and the learning-rate schedules
 data.py       the splits a config draws, the model's arguments from the training images, augmentation
-device.py     the device a run trains on, checked to exist
+device.py     the device a run trains on (cpu, cuda, cuda:K, auto), checked to exist
+distributed.py  several processes (torchrun, --nproc): the process group, each rank's slice of a batch
 interrupt.py  Ctrl-C: stop after the current step and save, or at once on a second Ctrl-C
 progress.py   what a run prints on stderr
 runs.py       run folders and the checkpoint format: writing, refusing to overwrite, resume checks, load_run
