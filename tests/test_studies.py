@@ -447,3 +447,16 @@ def test_a_bad_claim_check_gets_one_error_naming_it(tmp_path):
         path.write_text(text.replace(old, new, 1))
         with pytest.raises(ValueError, match=message):
             definition.load(path)
+
+
+def test_a_recorded_key_with_another_configuration_is_refused(tmp_path):
+    """When the study file changed after a run was recorded (here: its epochs), the runner refuses
+    instead of skipping the key and mixing two configurations in one report."""
+    study = definition.load("ibp-vs-exact")
+    first = runner.selection_runs(study, "smoke")[0]
+    config = first.record_config()
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        store.record(first.key, study.name, {**config, "train": {**config["train"], "epochs": 7}}, first.seed,
+                     history=[{"val_error": 1.0}])
+    with pytest.raises(ValueError, match="under the same key but another configuration"):
+        runner.run_study(study, "smoke", tmp_path / "s.sqlite", report=lambda line: None, runs_dir=None)

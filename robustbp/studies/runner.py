@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import json
 import math
 import os
 import signal
@@ -225,6 +226,7 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
             recorded = {run["key"] for run in store.runs(study.name)}
             planned = selection_runs(study, budget) if phase == "select" else final_runs(
                 study, budget, chosen_params(study, budget, store.runs(study.name)))
+            _check_recorded_configs(study, planned, store.runs(study.name))
             todo = [run for run in planned if run.key not in recorded]
             counts["skipped"] += len(planned) - len(todo)
             clock.start_phase(phase, todo)
@@ -242,6 +244,19 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
                 report(f"{study.name} [{budget}] {phase} {done}/{len(todo)} {run.label} seed {run.seed}: {status}; "
                        f"elapsed {clock.elapsed():.0f} s, study about {clock.left():.0f} s left")
     return counts
+
+
+def _check_recorded_configs(study: Study, planned: list[PlannedRun], runs: list[dict]) -> None:
+    """Refuse to go on when the store holds a planned key under another configuration (the study
+    file changed since, or model selection now chooses other values): skipping it would mix the
+    two in one report."""
+    recorded = {run["key"]: run["config"] for run in runs}
+    changed = [run.key for run in planned
+               if run.key in recorded and recorded[run.key] != json.loads(json.dumps(run.record_config()))]
+    if changed:
+        raise ValueError(f"the store holds {len(changed)} run(s) of {study.name} under the same key but another "
+                         f"configuration (the study file or the chosen values changed since), e.g. {changed[0]!r}; "
+                         "use another --store, or a new label or budget for the changed entry")
 
 
 def _epochs_of_training(run: PlannedRun, train_size: int) -> float:
