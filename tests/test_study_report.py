@@ -191,7 +191,10 @@ def test_report_lists_choices_failures_versions_and_missing_runs(study, stand_in
     selection = row_of(markdown, BASE, "## Chosen hyperparameters")
     assert selection[:7] == [BASE, "double-backprop", "p=1", "beta=0.01, p=1", "val_error", "25.0000",
                              "beta=0.01, p=1"]
-    assert row_of(markdown, IBP, "## Chosen hyperparameters")[3:6] == ["beta=0.003, p=1", "val_error", "28.0000"]
+    assert row_of(markdown, IBP, "## Chosen hyperparameters")[3:6] == ["beta=0.003, p=1 (grid edge)", "val_error",
+                                                                       "28.0000"]
+    assert ("Chosen at the edge of the grid (1 of 2): the best value may lie outside the grid, so these methods "
+            f"may be under- or over-regularized here — {IBP}: beta=0.003 (the smallest of 4).") in markdown
     assert f"- {BASE} (by val_error): beta=0.003, p=1 → 30.0000; beta=0.01, p=1 → 25.0000 (chosen)" in markdown
     assert f"- {IBP} (by val_error): beta=0.003, p=1 → 28.0000 (chosen); beta=0.01, p=1 → failed" in markdown
     assert "- 13 finished (3 model selection, 10 final), 1 failed" in markdown

@@ -322,7 +322,7 @@ def _selection(study: Study, budget: str, runs: list[dict], finals: dict[str, li
         from robustbp.studies.runner import chosen_params
 
         chosen = chosen_params(study, budget, runs)
-    rows, details = [], []
+    rows, details, edge_notes = [], [], []
     for label in _ordered_labels(study, budget):
         entry = study.method(label)
         grid = study.grid(label, budget)
@@ -339,16 +339,36 @@ def _selection(study: Study, budget: str, runs: list[dict], finals: dict[str, li
                          f"not chosen ({len(mine)} of {n_points} selection runs recorded, {failed} failed)",
                          "–", "–", "; ".join(used) or "–"])
             continue
-        rows.append([label, entry.method, _params(entry.params), _params(choice["params"]),
+        edges = _grid_edges(grid, choice["params"])
+        if edges:
+            edge_notes.append(f"{label}: {', '.join(edges)}")
+        rows.append([label, entry.method, _params(entry.params),
+                     _params(choice["params"]) + (" (grid edge)" if edges else ""),
                      choice.get("by") or "–", _score(choice.get("score")), "; ".join(used) or "–"])
         candidates = [f"{_params(params)} → {_score(score)}"
                       + (" (chosen)" if params == choice["params"] else "")
                       for params, score in choice.get("candidates", [])]
         details.append(f"- {label} (by {choice.get('by', '–')}): " + "; ".join(candidates))
     lines += _table(["method", "name", "fixed", "chosen", "by", "score", "final runs used"], rows)
+    if edge_notes:
+        lines += ["", f"Chosen at the edge of the grid ({len(edge_notes)} of {len(rows)}): the best value may lie "
+                      "outside the grid, so these methods may be under- or over-regularized here — "
+                      + "; ".join(edge_notes) + "."]
     if details:
         lines += ["", f"Candidates ({_selection_seeds(study.budgets[budget])}, validation split):", "", *details]
     return lines
+
+
+def _grid_edges(grid: dict[str, list], chosen: dict) -> list[str]:
+    """'beta=0.001 (the smallest of 3)' for each numeric grid setting of three or more values
+    whose chosen value is the grid's smallest or largest."""
+    edges = []
+    for name, values in sorted(grid.items()):
+        numbers = sorted({v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if len(numbers) >= 3 and chosen.get(name) in (numbers[0], numbers[-1]):
+            end = "smallest" if chosen[name] == numbers[0] else "largest"
+            edges.append(f"{name}={chosen[name]} (the {end} of {len(numbers)})")
+    return edges
 
 
 @dataclass
