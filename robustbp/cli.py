@@ -599,10 +599,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1
     except RuntimeError as error:
+        from robustbp.studies.store import StoreLocked
         from robustbp.training import NonFiniteLoss
         from robustbp.training.distributed import RunFailed
 
-        if not isinstance(error, (NonFiniteLoss, RunFailed)):
+        if not isinstance(error, (NonFiniteLoss, RunFailed, StoreLocked)):
             raise
         print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
         return 1

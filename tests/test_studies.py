@@ -219,6 +219,10 @@ def test_study_command_line(tmp_path, capsys):
     assert "0 of 4 planned runs recorded" in capsys.readouterr().out
     assert main(["study", "run", "no-such-study"]) == 1
     assert "unknown study 'no-such-study'" in capsys.readouterr().err
+    with ResultStore(store):  # another coordinator holds the store: one line, exit 1
+        assert main(["study", "run", "ibp-vs-exact", "--store", store]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("robustbp: error: another coordinator is writing") and error.count("\n") == 1
 
 
 def test_the_ray_backend_records_what_the_local_one_does(tmp_path):
