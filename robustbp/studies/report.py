@@ -25,6 +25,7 @@ cannot decide:
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -695,6 +696,10 @@ def _figures(study: Study, budget: str, finals: dict[str, list[dict]], metrics: 
     if curves:
         figure, (axis, cost) = new_figure(2)
         _plot_curves(axis, curves)
+        bounds = [100 * e["bound_rel_error_mean"] for runs in finals.values() for run in runs
+                  if "bound_rel_error_mean" in (e := (_suites(run).get("spectral") or {}).get("error") or {})]
+        if bounds:
+            axis.axhline(statistics.fmean(bounds), color="black", linestyle="--", label="bound (mean)")
         axis.set(xlabel="power iterations", ylabel="relative error %", yscale="log",
                  title="spectral-norm estimate against the exact σ_max")
         axis.legend(fontsize="small")
