@@ -607,16 +607,20 @@ def _figures(study: Study, budget: str, finals: dict[str, list[dict]], metrics: 
         write_png(out_dir / name, figure)
         written.append((name, caption))
 
-    test = metrics[0]
-    labels = [label for label in _ordered_labels(study, budget) if test.values.get(label)]
-    if labels:
+    def bars(metric: Metric, ylabel: str, title: str, name: str, caption: str) -> None:
+        labels = [label for label in _ordered_labels(study, budget) if metric.values.get(label)]
+        if not labels:
+            return
         figure, (axis,) = new_figure(width_per_panel=max(4.5, 1.6 * len(labels)))
-        stats = [summary(test.values[label]) for label in labels]
+        stats = [summary(metric.values[label]) for label in labels]
         axis.bar(range(len(labels)), [s[0] for s in stats], yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
                  capsize=4)
         axis.set_xticks(range(len(labels)), labels, rotation=15)
-        axis.set(ylabel="test error %", title=f"{budget} budget: test error (mean ± sd over seeds)")
-        save(figure, "test_error.png", "Test error per method (mean ± sd over seeds)")
+        axis.set(ylabel=ylabel, title=f"{budget} budget: {title} (mean ± sd over seeds)")
+        save(figure, name, caption)
+
+    test = metrics[0]
+    bars(test, "test error %", "test error", "test_error.png", "Test error per method (mean ± sd over seeds)")
 
     def noise(run):
         m = _suites(run).get("noise")
@@ -718,16 +722,8 @@ def _figures(study: Study, budget: str, finals: dict[str, list[dict]], metrics: 
         save(figure, "spectral.png", "Relative error of the power-iteration estimate against the number of "
                                      "iterations, and the seconds per batch of each computation")
 
-    seconds = metrics[-1]
-    labels = [label for label in _ordered_labels(study, budget) if seconds.values.get(label)]
-    if labels:
-        figure, (axis,) = new_figure(width_per_panel=max(4.5, 1.6 * len(labels)))
-        stats = [summary(seconds.values[label]) for label in labels]
-        axis.bar(range(len(labels)), [s[0] for s in stats], yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
-                 capsize=4)
-        axis.set_xticks(range(len(labels)), labels, rotation=15)
-        axis.set(ylabel="seconds per epoch", title=f"{budget} budget: training cost (mean ± sd over seeds)")
-        save(figure, "seconds.png", "Seconds per training epoch per method (mean ± sd over seeds)")
+    bars(metrics[-1], "seconds per epoch", "training cost", "seconds.png",
+         "Seconds per training epoch per method (mean ± sd over seeds)")
 
     by_size = _error_by_size(study, budget, finals, test)
     if by_size:
