@@ -32,7 +32,7 @@ def test_gradient_matches_reference_on_cuda(case, architecture):
     spec, reference = CASES[case]
     model, x, y = on_cuda(architecture)
     if case.startswith("linbp") and relu_calls(model, x) < spec["first"]:
-        return
+        pytest.skip("fewer ReLU calls than LinBP's `first` (the refusal is tested on the CPU)")
     got, _ = method_grads(model, _method(spec), x, y)
     assert all(g.is_cuda for g in got)
     assert relative_error(got, reference(reference_for(model, x, y))) <= TOLERANCE

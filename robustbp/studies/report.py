@@ -380,6 +380,7 @@ class Comparison:
 
     text: str  # "X is lower than Y in M by D (a ± s against b ± s, n = .., p = ..)"
     difference: float
+    spread: float  # the larger of the two standard deviations
     state: str
 
 
@@ -404,13 +405,13 @@ def _compare(ours: Metric, label: str, theirs: Metric, against: str) -> Comparis
             f"n = {n} against {base_n}, p = {_p(test.p_value)})")
     spread = max((s for s in (sd, base_sd) if not math.isnan(s)), default=math.nan)
     if n < MIN_SEEDS or base_n < MIN_SEEDS:
-        return Comparison(text + f": undecidable (n < {MIN_SEEDS})", difference, "few")
+        return Comparison(text + f": undecidable (n < {MIN_SEEDS})", difference, spread, "few")
     if not test.significant:
-        return Comparison(text + ": not significant", difference, "not significant")
+        return Comparison(text + ": not significant", difference, spread, "not significant")
     if abs(difference) < spread:
         return Comparison(text + f": significant, but smaller than the seeds' spread (sd {spread:.{digits}f})",
-                          difference, "within spread")
-    return Comparison(text + ": significant", difference, "decided")
+                          difference, spread, "within spread")
+    return Comparison(text + ": significant", difference, spread, "decided")
 
 
 def _sentence(metric: Metric, label: str, baseline: str) -> str | None:
@@ -445,7 +446,7 @@ def _check_verdicts(check, metrics: list[Metric]) -> list[tuple[str, str]]:
         if check.direction == "similar":
             if comparison.state == "decided":
                 verdict = NOT_REPRODUCED
-            elif comparison.state == "not significant" and _within_spread(ours, check.label, theirs, check.against):
+            elif comparison.state == "not significant" and abs(comparison.difference) <= comparison.spread:
                 verdict = REPRODUCED
             else:
                 verdict = UNDECIDABLE
@@ -455,13 +456,6 @@ def _check_verdicts(check, metrics: list[Metric]) -> list[tuple[str, str]]:
             verdict = REPRODUCED if (comparison.difference < 0) == (check.direction == "lower") else NOT_REPRODUCED
         verdicts.append((verdict, f"{comparison.text} (claimed: {check.direction})"))
     return verdicts
-
-
-def _within_spread(ours: Metric, label: str, theirs: Metric, against: str) -> bool:
-    """The two means differ by less than the larger standard deviation of the two."""
-    (mean, sd, _), (base_mean, base_sd, _) = summary(ours.values[label]), summary(theirs.values[against])
-    spread = max((s for s in (sd, base_sd) if not math.isnan(s)), default=math.nan)
-    return abs(mean - base_mean) <= spread
 
 
 def claim_verdict(claim, metrics: list[Metric]) -> tuple[str, list[tuple[str, str]]]:

@@ -78,7 +78,8 @@ def selection_runs(study: Study, budget: str) -> list[PlannedRun]:
     seeds = b.seeds[: b.selection_seeds]
     runs = []
     for entry in study.entries(budget):
-        for point in entry.grid_points(study.grid(entry.label, budget)) if study.grid(entry.label, budget) else []:
+        grid = study.grid(entry.label, budget)
+        for point in entry.grid_points(grid) if grid else []:
             params = {**entry.params, **point}
             for seed in seeds:
                 key = f"{budget}/select/{entry.label}/{_point_text(point)}"
