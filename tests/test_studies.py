@@ -1,6 +1,7 @@
 """The studies' result store (kill-safe, one coordinator) and the statistics of their reports."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -402,6 +403,24 @@ def test_the_time_left_covers_the_whole_study(monkeypatch):
     expected = (len(selection) - 1) * select_unit * rate + n_finals * unit * rate * runner.StudyClock.EVALUATION
     assert clock.left() == pytest.approx(expected)
     assert clock.elapsed() == 10.0
+
+
+def test_a_resumed_run_counts_only_the_epochs_it_trained(monkeypatch):
+    """A run that resumed from its checkpoint and trained one of its epochs in 10 s measures the
+    rate of one epoch, not of the whole run (the estimate was 10x too low after a restart)."""
+    study = definition.load("ibp-vs-exact")
+    now = [0.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: now[0])
+    epochs = 4
+    selection = [dataclasses.replace(run, train={**run.train, "epochs": epochs})
+                 for run in runner.selection_runs(study, "smoke")]
+    whole, resumed = runner.StudyClock(study, "smoke", 1000), runner.StudyClock(study, "smoke", 1000)
+    for clock in (whole, resumed):
+        clock.start_phase("select", selection)
+    now[0] = 10.0
+    whole.finished(selection[0])
+    resumed.finished(selection[0], epochs_trained=1)
+    assert resumed.left() == pytest.approx(whole.left() * epochs)
 
 
 def test_the_study_files_ship_inside_the_package(tmp_path):

@@ -142,8 +142,11 @@ def execute(run: PlannedRun, study: Study, data: tuple, runs_dir: Path | None = 
     from robustbp.training import TrainConfig, train
 
     config = TrainConfig(**run.train)
+    epochs_trained = 0
 
     def announce(record: dict[str, Any]) -> None:
+        nonlocal epochs_trained
+        epochs_trained += 1
         print(f"{study.name} [{run.budget}] {run.phase} {run.label} seed {run.seed}: epoch {record['epoch']}/"
               f"{config.epochs}, test error {record['test_error']:.2f}%, {record['seconds']:.1f} s", file=sys.stderr)
 
@@ -164,7 +167,8 @@ def execute(run: PlannedRun, study: Study, data: tuple, runs_dir: Path | None = 
                        "suites": {name: suite["models"][run.label] for name, suite in evaluation["suites"].items()},
                        "settings": {name: suite["settings"] for name, suite in evaluation["suites"].items()},
                        "warnings": evaluation["warnings"]}
-        return {"history": history, "results": results, "seconds_per_epoch": seconds}
+        return {"history": history, "results": results, "seconds_per_epoch": seconds,
+                "epochs_trained": epochs_trained}
     except Exception as error:  # noqa: BLE001  (recorded as a failed run, with its message)
         return {"error": f"{type(error).__name__}: {error}"}
 
@@ -237,10 +241,11 @@ def run_study(study: Study, budget: str, store_path: str | Path = DEFAULT_STORE,
             else:
                 outcomes = _execute_all(todo, study, data, workers, folder)
             for done, (run, outcome) in enumerate(outcomes, start=1):
+                epochs_trained = outcome.pop("epochs_trained", None)
                 store.record(run.key, study.name, run.record_config(), run.seed, **outcome)
                 counts["recorded"] += 1
                 counts["failed"] += "error" in outcome
-                clock.finished(run)
+                clock.finished(run, epochs_trained)
                 status = outcome.get("error") or f"test error {outcome['history'][-1]['test_error']:.2f}%"
                 report(f"{study.name} [{budget}] {phase} {done}/{len(todo)} {run.label} seed {run.seed}: {status}; "
                        f"elapsed {clock.elapsed():.0f} s, study about {clock.left():.0f} s left")
@@ -297,10 +302,13 @@ class StudyClock:
                       for entry in self.study.entries(self.budget) for seed in self.study.budgets[self.budget].seeds]
             self.units_left["final"] = sum(_epochs_of_training(run, self.train_size) for run in finals)
 
-    def finished(self, run: PlannedRun) -> None:
+    def finished(self, run: PlannedRun, epochs_trained: int | None = None) -> None:
+        """`epochs_trained`: the epochs this process trained, fewer than the run's when it resumed
+        from a checkpoint (None: all of them)."""
         now = time.perf_counter()
         units = _epochs_of_training(run, self.train_size)
-        self.units_done[run.phase] += units
+        epochs = run.train.get("epochs", 1)
+        self.units_done[run.phase] += units * min(epochs_trained if epochs_trained is not None else epochs, epochs) / epochs
         self.seconds[run.phase] += now - self.phase_started
         self.units_left[run.phase] = max(0.0, self.units_left[run.phase] - units)
         self.phase_started = now
