@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 import re
 
+import torch
+
 import robustbp.methods as methods
+from robustbp import bench
 from robustbp.bench import DEFAULT_METHODS, parse_method
 from robustbp.cli import main
 
@@ -55,3 +58,15 @@ def test_bench_interleaves_several_models(tmp_path):
     assert set(timings) == {"lenet: standard", "lenet: loss-ibp", "lenet-functional: standard",
                             "lenet-functional: loss-ibp"}
     assert timings["lenet: standard"] == timings["lenet-functional: standard"] == 1.0
+
+
+def test_saved_memory_counts_a_tensor_at_a_reused_address():
+    """Two 1,000-float tensors saved one after the other, the first freed before the second is
+    made (so the allocator may hand out its address again): 8,000 bytes, not 4,000."""
+
+    def two_steps():
+        for _ in range(2):
+            x = torch.randn(1000, requires_grad=True)
+            (x * x).sum().backward()
+
+    assert bench.saved_tensor_mib(two_steps) * 2**20 == 2 * 1000 * 4
