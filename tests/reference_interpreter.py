@@ -1,5 +1,7 @@
 """The previous, interpreter-based reference: kept only to cross-check tests/reference.py
-(test_any_model.test_reference_*) on plain module-style networks.
+(test_any_model.test_reference_*) on plain module-style networks. It forms the logits, the
+Jacobians and the held input gradient in its own way; the methods' formulas on top of them are
+reference.py's.
 
 Nothing here uses robustbp's passes. The test networks are nn.Modules, but the reference
 evaluates them with its own functional interpreter, so that "held constant" can be written
@@ -20,6 +22,7 @@ from torch import nn
 
 from robustbp.layers import Normalize
 
+from . import reference
 from .reference import Residual
 
 
@@ -97,25 +100,15 @@ def run(module: nn.Module, h: torch.Tensor, ctx: Context) -> torch.Tensor:
     raise TypeError(f"reference interpreter: no rule for {type(module).__name__}")
 
 
-class Reference:
-    """One batch, one network: the definitions of every method, by plain autograd."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        self.model, self.y = model, y
-        self.x = x.detach().clone().requires_grad_(True)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.batch = x.shape[0]
-        self.masks: list = []
+class Reference(reference.Reference):
+    """One batch, one network, through this interpreter: the logits, the Jacobians (dense, by
+    torch.autograd.functional.jacobian) and Loss IBP's held input gradient (J_iᵀ δ_i from them)
+    are formed here; each method's formula on top of them is tests/reference.py's, so the cross-
+    check tests the machinery of the two references."""
 
     def logits(self, x=None, **flags) -> torch.Tensor:
         ctx = Context(masks=self.masks, **flags)
         return run(self.model, self.x if x is None else x, ctx)
-
-    def per_sample_loss(self, logits):
-        return F.cross_entropy(logits, self.y, reduction="none")
-
-    def main_loss(self):
-        return self.per_sample_loss(self.logits()).mean()
 
     def jacobians(self, **flags) -> torch.Tensor:
         """(B, C, D): the per-sample Jacobians J_i = ∂z_i/∂x_i, differentiable in θ."""
@@ -125,91 +118,12 @@ class Reference:
         index = torch.arange(self.batch)
         return full.flatten(3)[index, :, index, :]
 
-    def grad(self, objective) -> list[torch.Tensor]:
-        grads = torch.autograd.grad(objective, self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+    def _logits_and_jacobians(self, **flags):
+        return self.logits(**flags), self.jacobians(**flags)
 
-    # ---- the definitions ----
     def held_input_grads(self):
         """g_i = J_iᵀ δ_i with δ_i = ∂ℓ_i/∂z_i and activation derivatives held constant."""
         logits = self.logits(freeze_derivatives=True, freeze_statistics=True)
         delta = (F.softmax(logits, 1) - F.one_hot(self.y, logits.shape[1]).to(logits.dtype)).detach()
         jac = self.jacobians(freeze_derivatives=True, freeze_statistics=True)
         return torch.einsum("bcd,bc->bd", jac, delta)
-
-    def exact_input_grads(self):
-        """g_i = ∇_{x_i} ℓ_i with BatchNorm statistics held constant (exact otherwise)."""
-        losses = self.per_sample_loss(self.logits(freeze_statistics=True))
-        return torch.autograd.grad(losses.sum(), self.x, create_graph=True)[0].flatten(1)
-
-    @staticmethod
-    def lp(g, p):
-        return (g.abs() ** p).sum(1) / p
-
-    def loss_ibp(self, beta, p):
-        return self.grad(self.main_loss() + beta * self.lp(self.held_input_grads(), p).mean())
-
-    def double_backprop(self, beta, p):
-        return self.grad(self.main_loss() + beta * self.lp(self.exact_input_grads(), p).mean())
-
-    def curvature_term(self, beta, p):
-        """∇_θ of the penalty through δ alone, the Jacobian held constant: what double
-        backpropagation adds to Loss IBP's gradient for piecewise-linear networks."""
-        jac = self.jacobians(freeze_statistics=True).detach()
-        logits = self.logits(freeze_statistics=True)
-        delta = F.softmax(logits, 1) - F.one_hot(self.y, logits.shape[1]).to(logits.dtype)
-        g = torch.einsum("bcd,bc->bd", jac, delta)
-        return self.grad(beta * self.lp(g, p).mean())
-
-    def prediction_ibp(self, beta, direction):
-        g = self.exact_input_grads().detach()
-        v = g.sign() if direction == "sign" else g
-        jac = self.jacobians(freeze_statistics=True)
-        jv = torch.einsum("bcd,bd->bc", jac, v)
-        return self.grad(self.main_loss() + beta * 0.5 * (jv ** 2).sum(1).mean())
-
-    def tangent_prop(self, beta, tangents):
-        jac = self.jacobians(freeze_statistics=True)
-        jt = torch.einsum("bcd,btd->btc", jac, tangents.flatten(2))
-        return self.grad(self.main_loss() + beta * 0.5 * (jt ** 2).sum((1, 2)).mean())
-
-    def fast_tangent_prop(self, beta, tangents):
-        g = self.held_input_grads()
-        projections = torch.einsum("bd,btd->bt", g, tangents.flatten(2))
-        return self.grad(self.main_loss() + beta * 0.5 * (projections ** 2).sum(1).mean())
-
-    def jacobian_frobenius(self, beta, projections):
-        """projections: (n, B, C)."""
-        jac = self.jacobians(freeze_statistics=True)
-        classes = jac.shape[1]
-        jtv = torch.einsum("bcd,nbc->nbd", jac, projections)
-        penalty = (classes / projections.shape[0]) * (jtv ** 2).sum((0, 2))
-        return self.grad(self.main_loss() + beta * penalty.mean())
-
-    def jacobian_spectral(self, beta, v0, n_iter):
-        jac = self.jacobians(freeze_statistics=True)
-        v = v0.flatten(1) / v0.flatten(1).norm(dim=1, keepdim=True)
-        for _ in range(n_iter):
-            u = torch.einsum("bcd,bd->bc", jac.detach(), v.detach())
-            u = u / u.norm(dim=1, keepdim=True)
-            v = torch.einsum("bcd,bc->bd", jac, u)
-        return self.grad(self.main_loss() + beta * v.norm(dim=1).mean())
-
-    def adversarial(self, eps, alpha, norm):
-        """Through the model's own forward: nn.Dropout then draws its masks as in training."""
-        clean_losses = self.per_sample_loss(self.model(self.x))
-        g = torch.autograd.grad(clean_losses.sum(), self.x, retain_graph=True)[0]
-        step = g.sign() if norm == "sign" else g
-        x_adv = (self.x + eps * step).detach()
-        clean = clean_losses.mean()
-        adversarial = self.per_sample_loss(self.model(x_adv)).mean()
-        return self.grad(alpha * clean + (1 - alpha) * adversarial)
-
-    def linbp(self, first):
-        return self.grad(self.per_sample_loss(self.logits(linbp_first=first)).mean())
-
-
-def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
-    got_flat = torch.cat([g.flatten() for g in got])
-    want_flat = torch.cat([w.flatten() for w in want])
-    return float((got_flat - want_flat).norm() / want_flat.norm().clamp_min(1e-300))
