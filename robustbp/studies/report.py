@@ -616,29 +616,27 @@ def _figures(study: Study, budget: str, finals: dict[str, list[dict]], metrics: 
     test = metrics[0]
     bars(test, "test error %", "test error", "test_error.png", "Test error per method (mean ± sd over seeds)")
 
+    def curve_figure(curve_of, name: str, caption: str, **labels) -> None:
+        curves = _curves(finals, curve_of)
+        if curves:
+            figure, (axis,) = new_figure()
+            _plot_curves(axis, curves)
+            axis.set(**labels)
+            axis.legend(fontsize="small")
+            save(figure, name, caption)
+
     def noise(run):
         m = _suites(run).get("noise")
         return {s: 100 * e for s, e in zip(m["sigma"], m["error"])} if m else None
-
-    curves = _curves(finals, noise)
-    if curves:
-        figure, (axis,) = new_figure()
-        _plot_curves(axis, curves)
-        axis.set(xlabel="noise σ", ylabel="test error %", title="Gaussian noise (mean ± sd over seeds)")
-        axis.legend(fontsize="small")
-        save(figure, "noise.png", "Test error against the noise σ")
 
     def fgsm(run):
         m = _suites(run).get("fgsm")
         return {e: 100 * r for e, r in zip(m["sign"]["eps"], m["sign"]["attack_success_rate"])} if m else None
 
-    curves = _curves(finals, fgsm)
-    if curves:
-        figure, (axis,) = new_figure()
-        _plot_curves(axis, curves)
-        axis.set(xlabel="ε", ylabel="attack success %", title="FGSM x + ε·sign(∇L)")
-        axis.legend(fontsize="small")
-        save(figure, "fgsm.png", "FGSM attack success against ε")
+    curve_figure(noise, "noise.png", "Test error against the noise σ",
+                 xlabel="noise σ", ylabel="test error %", title="Gaussian noise (mean ± sd over seeds)")
+    curve_figure(fgsm, "fgsm.png", "FGSM attack success against ε",
+                 xlabel="ε", ylabel="attack success %", title="FGSM x + ε·sign(∇L)")
 
     any_run = next((run for runs in finals.values() for run in runs if "pgd" in _suites(run)), None)
     if any_run is not None:
