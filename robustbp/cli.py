@@ -380,8 +380,9 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
                          ("report", "the study's report: tables beside the paper's figures, tests, PNGs")):
         child = actions.add_parser(action, help=text, description=text)
         child.add_argument("name", help="study name (see `robustbp study list`)")
-        child.add_argument("--budget", choices=BUDGETS, default="smoke", help="smoke (seconds), cpu (about 2 h on "
-                           "2 cores) or paper (the paper's settings); default smoke")
+        child.add_argument("--budget", choices=BUDGETS, default="smoke", help="smoke (seconds), cpu (1 to 4 h on "
+                           "2 cores; the run prints the time the study has left) or paper (the paper's "
+                           "settings); default smoke")
         child.add_argument("--store", default=str(DEFAULT_STORE), metavar="PATH",
                            help=f"the SQLite result store; default {DEFAULT_STORE}")
         if action == "run":
