@@ -308,7 +308,8 @@ class StudyClock:
         now = time.perf_counter()
         units = _epochs_of_training(run, self.train_size)
         epochs = run.train.get("epochs", 1)
-        self.units_done[run.phase] += units * min(epochs_trained if epochs_trained is not None else epochs, epochs) / epochs
+        trained = epochs if epochs_trained is None else min(epochs_trained, epochs)
+        self.units_done[run.phase] += units * trained / epochs
         self.seconds[run.phase] += now - self.phase_started
         self.units_left[run.phase] = max(0.0, self.units_left[run.phase] - units)
         self.phase_started = now
